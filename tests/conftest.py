@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtpkit.models import load_target
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PROMPTS_DIR = SHARED_DATA / "prompts"
+
+
+def shared_prompts(name: str) -> Path:
+    path = PROMPTS_DIR / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available (../shared/data is beside the checkout in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_target("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded model; the first load in a fresh cache converts the GGUF (~18 s)."""
+    return load_target("smollm2-135m-instruct")
