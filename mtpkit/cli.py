@@ -1,0 +1,121 @@
+"""`mtpkit <command>`: argument parsing only; the work lives in the package modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mtpkit.config import build_config
+from mtpkit.errors import MtpkitError
+
+# Errors that carry a message meant for the user: printed without a traceback (-v shows it).
+_USER_ERRORS: tuple[type[Exception], ...] = (MtpkitError, ValueError, OSError)
+
+
+def _collect_parser(sub) -> None:
+    p = sub.add_parser(
+        "collect",
+        help="regenerate answers with the target and store its hidden states",
+        description="Build draft-head training data: the target answers the prompts (generation mode) "
+        "or raw text is windowed (corpus mode); token ids, loss masks and the target's hidden states "
+        "are appended to a resumable store. Flags override --config.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML file with any of the fields below (flags override it)")
+    p.add_argument(
+        "--model", help="local HF dir, .gguf file, 'smollm2-135m-instruct' or tiny-{llama,qwen2,deepseek_v3}"
+    )
+    p.add_argument("--prompts", nargs="+", help="JSONL/Parquet/JSON/CSV/text files, or 'builtin'")
+    p.add_argument("--out", help="store directory (created, or appended to / resumed)")
+    p.add_argument(
+        "--mode", choices=["generate", "corpus"], help="generate answers (default) or window raw text"
+    )
+    p.add_argument(
+        "--format",
+        help="force a record format: sharegpt, messages, turns, self_instruct, alpaca, question, prompt, text",
+    )
+    p.add_argument("--text-field", dest="text_field", help="read the prompt/text from this field")
+    p.add_argument(
+        "--all-turns",
+        dest="all_turns",
+        action="store_true",
+        help="answer every user turn of multi-turn records",
+    )
+    p.add_argument("--system-prompt", dest="system_prompt", help="system message for records without one")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument(
+        "--layers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="comma-separated hidden-state ids (0 = embeddings, i = after layer i, L = final post-norm; default L)",
+    )
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], help="storage dtype of hidden states")
+    p.add_argument("--model-dtype", dest="model_dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-prompts", dest="max_prompts", type=int)
+    p.add_argument("--max-samples", dest="max_samples", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--sample-size", dest="sample_size", type=int, help="corpus mode: tokens per window")
+    p.add_argument("--stride", type=int, help="corpus mode: tokens between window starts")
+    p.add_argument(
+        "--max-length", dest="max_length", type=int, help="skip prompts whose sequence would exceed this"
+    )
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="log and skip malformed records")
+    p.add_argument("--shard-mb", dest="shard_mb", type=float)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--report", help="also write the summary as JSON to this file")
+    p.set_defaults(func=_run_collect)
+
+
+def _run_collect(args: argparse.Namespace) -> int:
+    from mtpkit.data.collect import CollectConfig, collect, format_summary
+
+    fields = {
+        k: v for k, v in vars(args).items() if k not in ("func", "config", "report", "command", "verbose")
+    }
+    cfg = build_config(CollectConfig, getattr(args, "config", None), **fields)
+    summary = collect(cfg)
+    print(format_summary(summary))
+    if getattr(args, "report", None):
+        Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtpkit", description="Multi-token-prediction draft heads for frozen LLMs."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _collect_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:  # transformers' per-load progress bars drown our own
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"mtpkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""`mtpkit collect`: regenerate answers with the target and store its hidden states.
+
+Draft heads must learn the target's own distribution, so (as EAGLE, Medusa self-distillation,
+SpecForge and speculators do) the target answers the prompts itself. Each sample stores the
+token ids, a loss mask over the answer tokens, and hidden states from a separate
+teacher-forced forward over the whole sequence (never stitched from generation steps).
+
+Resumability: the prompts form a deterministic stream (file order, optionally shuffled by
+seed). The store's manifest keeps, per job (a hash of everything that defines the stream
+and what is generated from it), how many stream items are consumed. Items are processed in
+batches and committed only at batch boundaries, so rerunning the same command after a crash
+rebuilds the same batches and continues where the last commit ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from mtpkit.data import chat
+from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, resolve_source
+from mtpkit.data.store import STORE_DTYPES, Sample, Store
+from mtpkit.models import Target, load_target
+
+log = logging.getLogger(__name__)
+
+MODES = ("generate", "corpus")
+_FP16_MAX = 65504.0
+
+
+@dataclass
+class CollectConfig:
+    model: str
+    prompts: list[str]
+    out: str
+    mode: str = "generate"
+    format: str | None = None  # force a record format instead of detecting it per record
+    text_field: str | None = None
+    all_turns: bool = False
+    system_prompt: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 8
+    layers: list[int] | None = None  # HF hidden_states ids; default [num_layers] = final, post-norm
+    dtype: str = "bfloat16"  # storage dtype of hidden states
+    model_dtype: str = "float32"
+    max_prompts: int | None = None
+    max_samples: int | None = None
+    seed: int = 0
+    shuffle: bool = False
+    sample_size: int = 2048  # corpus mode: tokens per window
+    stride: int | None = None  # corpus mode: default = sample_size (no overlap)
+    max_length: int = 4096  # longest stored sequence; longer prompts are skipped
+    skip_bad: bool = False
+    shard_mb: float = 256.0
+    commit_every_s: float = 300.0  # also commit at least this often, to bound lost work
+    forward_tokens: int = 16384  # token budget of one teacher-forced forward
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes recorded with the job
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (
+                self.format is None or self.format in FORMATS,
+                f"format must be one of {FORMATS}, got {self.format!r}",
+            ),
+            (self.dtype in STORE_DTYPES, f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.sample_size >= 2, "sample_size must be >= 2"),
+            (self.stride is None or self.stride >= 1, "stride must be >= 1"),
+            (bool(self.prompts), "at least one prompt source is required"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
+    """Identify the stream of a run: same key = same items in the same order, same generation."""
+    sources = []
+    for p in cfg.prompts:
+        path = resolve_source(p)
+        sources.append(
+            {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+        )
+    spec = {
+        "mode": cfg.mode,
+        "sources": sources,
+        "format": cfg.format,
+        "text_field": cfg.text_field,
+        "shuffle": cfg.shuffle,
+        "seed": cfg.seed,
+        "max_length": cfg.max_length,
+        "layers": layers,
+    }
+    if cfg.mode == "generate":
+        spec.update(
+            all_turns=cfg.all_turns,
+            system_prompt=cfg.system_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+        )
+    else:
+        spec.update(sample_size=cfg.sample_size, stride=cfg.stride or cfg.sample_size)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return key, spec
+
+
+# ---------------------------------------------------------------------------- model work
+@torch.no_grad()
+def generate(
+    target: Target,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[list[int]]:
+    """Answer a batch of tokenized prompts (left-padded); each answer ends at its first EOS, kept."""
+    from transformers import GenerationConfig
+
+    pad = target.tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
+    attention_mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device
+    )
+    sampling = temperature > 0
+    # A fresh GenerationConfig: the model's own may carry sampling defaults (top_k=50, ...)
+    # that would make the collected distribution differ from the target's.
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=0 if sampling else None,
+        eos_token_id=target.eos_token_ids,
+        pad_token_id=pad,
+    )
+    out = target.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
+    eos = set(target.eos_token_ids)
+    answers = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def teacher_forced_hidden(
+    target: Target, sequences: list[list[int]], layers: list[int], dtype: torch.dtype, forward_tokens: int
+) -> list[torch.Tensor]:
+    """Hidden states [T, n_layers, H] of each sequence, from right-padded batched forwards."""
+    results: list[torch.Tensor | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    start = 0
+    while start < len(order):
+        # Grow the sub-batch while (batch x longest) fits the token budget.
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= forward_tokens:
+            end += 1
+        idx = order[start:end]
+        width = len(sequences[idx[-1]])
+        ids = torch.full((len(idx), width), target.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            mask[row, : len(sequences[i])] = 1
+        hidden = target.hidden_states(ids.to(target.device), mask.to(target.device), layers)
+        if dtype == torch.float16 and hidden.abs().max() > _FP16_MAX:
+            raise ValueError("hidden states exceed the float16 range; collect with --dtype bfloat16")
+        for row, i in enumerate(idx):
+            results[i] = hidden[row, : len(sequences[i])].to(dtype).cpu()
+        start = end
+    return results
+
+
+# ---------------------------------------------------------------------------- streams
+def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[int], str]]:
+    """Cut each document (tokenized, EOS appended) into `sample_size` windows every `stride` tokens."""
+    size, stride = cfg.sample_size, cfg.stride or cfg.sample_size
+    if size > cfg.max_length:
+        raise ValueError(f"sample_size {size} exceeds max_length {cfg.max_length}")
+    eos = target.tokenizer.eos_token_id
+    windows = []
+    for doc in docs:
+        ids = target.tokenizer(doc.text)["input_ids"] + ([eos] if eos is not None else [])
+        start = 0
+        while True:
+            window = ids[start : start + size]
+            if len(window) >= 2:
+                windows.append((window, f"{doc.source}@{start}"))
+            if start + size >= len(ids):
+                break
+            start += stride
+    return windows
+
+
+def _generate_batch(target: Target, cfg: CollectConfig, batch, seed: int) -> tuple[list, int, int]:
+    """Conversations for a batch of prompts; returns (samples, generated tokens, skipped)."""
+    tok, eos = target.tokenizer, target.eos_token_ids
+    budget = cfg.max_length - cfg.max_new_tokens
+    convs, skipped = [], 0
+    for prompt in batch:
+        conv = chat.start(tok, prompt, cfg.system_prompt)
+        if len(conv.ids) > budget:
+            log.warning(
+                "%s: prompt of %d tokens exceeds max_length - max_new_tokens; skipped",
+                prompt.source,
+                len(conv.ids),
+            )
+            skipped += 1
+        else:
+            convs.append(conv)
+    torch.manual_seed(seed)  # sampling depends only on (seed, batch position) -> resumable
+    generated = 0
+    active = convs
+    while active:
+        answers = generate(target, [c.ids for c in active], cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        for conv, answer in zip(active, answers, strict=True):
+            chat.add_answer(tok, conv, answer, eos)
+            generated += len(answer)
+        if not cfg.all_turns:
+            break
+        active = [c for c in active if chat.next_turn(tok, c, max_tokens=budget)]
+    samples = [(c.ids, c.mask, c.prompt.source) for c in convs]
+    return samples, generated, skipped
+
+
+# ---------------------------------------------------------------------------- the job
+def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
+    """Run (or resume) a collection job; return the summary."""
+    target = target or load_target(cfg.model, dtype=cfg.model_dtype)
+    layers = target.check_layers(cfg.layers if cfg.layers is not None else [target.num_layers])
+    store_dtype = STORE_DTYPES[cfg.dtype]
+
+    # Read every source before touching the store: bad input fails here, with nothing written.
+    if cfg.mode == "generate":
+        items = load_prompts(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
+    else:
+        items = load_documents(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(items)
+    if cfg.mode == "corpus":
+        items = corpus_windows(target, cfg, items)
+    if cfg.max_prompts is not None:
+        items = items[: cfg.max_prompts]
+    key, spec = job_key(cfg, layers)
+
+    store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype)
+    try:
+        return _run(cfg, target, store, items, key, spec, layers, store_dtype)
+    finally:
+        store.close()
+
+
+def _run(cfg, target, store: Store, items, key, spec, layers, store_dtype) -> dict:
+    state = dict(store.job(key))
+    state.setdefault("generated_tokens", 0)
+    state.setdefault("skipped", 0)
+    state["spec"] = spec
+    consumed = resumed_at = state["consumed"]
+    if consumed:
+        log.info(
+            "resuming job %s at item %d of %d (%d samples stored)",
+            key,
+            consumed,
+            len(items),
+            state["samples"],
+        )
+
+    shard_bytes = cfg.shard_mb * 2**20
+    bytes_per_token = 4 + 1 + len(layers) * target.hidden_size * store_dtype.itemsize
+    pending: list[Sample] = []
+    t0 = last_commit = time.perf_counter()
+    run = {"samples": 0, "tokens": 0, "generated_tokens": 0}
+    unit = "prompt" if cfg.mode == "generate" else "window"
+    bar = tqdm(
+        total=len(items), initial=consumed, unit=unit, disable=not cfg.progress or None, dynamic_ncols=True
+    )
+
+    def commit() -> None:
+        nonlocal pending, last_commit
+        store.commit(pending, key, dict(state, consumed=consumed, done=consumed >= len(items)))
+        pending, last_commit = [], time.perf_counter()
+
+    while consumed < len(items):
+        room = None if cfg.max_samples is None else cfg.max_samples - state["samples"] - len(pending)
+        if room is not None and room <= 0:
+            break
+        # Each item yields at most one sample, so a batch no larger than `room` cannot overshoot.
+        take = cfg.batch_size if room is None else min(cfg.batch_size, room)
+        batch = items[consumed : consumed + take]
+        if cfg.mode == "generate":
+            seqs, generated, skipped = _generate_batch(
+                target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed
+            )
+        else:
+            seqs, generated, skipped = [(ids, [True] * len(ids), src) for ids, src in batch], 0, 0
+        hidden = teacher_forced_hidden(target, [s[0] for s in seqs], layers, store_dtype, cfg.forward_tokens)
+        for (ids, mask, source), h in zip(seqs, hidden, strict=True):
+            pending.append(Sample(torch.tensor(ids), torch.tensor(mask), h, source))
+        n_tokens = sum(len(s[0]) for s in seqs)
+        consumed += len(batch)
+        state["samples"] += len(seqs)
+        state["tokens"] = state.get("tokens", 0) + n_tokens
+        state["generated_tokens"] += generated
+        state["skipped"] += skipped
+        run["samples"] += len(seqs)
+        run["tokens"] += n_tokens
+        run["generated_tokens"] += generated
+        elapsed = time.perf_counter() - t0
+        bar.update(len(batch))
+        bar.set_postfix(samples_s=f"{run['samples'] / elapsed:.2f}", tok_s=f"{run['tokens'] / elapsed:.0f}")
+        pending_bytes = sum(len(s.input_ids) for s in pending) * bytes_per_token
+        if pending_bytes >= shard_bytes or time.perf_counter() - last_commit >= cfg.commit_every_s:
+            commit()
+    if pending or consumed != resumed_at or key not in store.manifest["jobs"]:
+        commit()
+    bar.close()
+
+    elapsed = time.perf_counter() - t0
+    disk = store.bytes_on_disk()
+    m = store.manifest
+    return {
+        "store": str(store.root),
+        "job": key,
+        "mode": cfg.mode,
+        "items_consumed": consumed,
+        "items_total": len(items),
+        "skipped": state["skipped"],
+        "run_samples": run["samples"],
+        "run_tokens": run["tokens"],
+        "run_generated_tokens": run["generated_tokens"],
+        "run_seconds": round(elapsed, 2),
+        "run_tokens_per_s": round(run["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
+        "run_generated_tokens_per_s": round(run["generated_tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
+        "store_samples": m["num_samples"],
+        "store_tokens": m["num_tokens"],
+        "store_loss_tokens": m["num_loss_tokens"],
+        "store_bytes": disk,
+        "bytes_per_token": round(disk / m["num_tokens"], 1) if m["num_tokens"] else 0.0,
+        "layers": layers,
+        "dtype": cfg.dtype,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    rows = [
+        ("store", summary["store"]),
+        (
+            "items consumed",
+            f"{summary['items_consumed']} / {summary['items_total']} (skipped {summary['skipped']})",
+        ),
+        ("samples (this run / store)", f"{summary['run_samples']} / {summary['store_samples']}"),
+        ("tokens (this run / store)", f"{summary['run_tokens']} / {summary['store_tokens']}"),
+        ("loss tokens (store)", summary["store_loss_tokens"]),
+        ("generated tokens/s", summary["run_generated_tokens_per_s"]),
+        ("stored tokens/s", summary["run_tokens_per_s"]),
+        ("bytes on disk", f"{summary['store_bytes']:,}"),
+        ("bytes per token", summary["bytes_per_token"]),
+        ("layers / dtype", f"{summary['layers']} / {summary['dtype']}"),
+        ("seconds", summary["run_seconds"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,48 @@
+"""Integration on the real embedded model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import shared_prompts
+
+from mtpkit.data.collect import CollectConfig, collect
+from mtpkit.data.prompts import load_prompts
+from mtpkit.data.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+def test_collect_stores_the_targets_own_final_hidden_states(tmp_path, smollm2):
+    path = shared_prompts("vicuna_bench.jsonl")
+    cfg = CollectConfig(
+        model="smollm2-135m-instruct",
+        prompts=[str(path)],
+        out=str(tmp_path / "s"),
+        max_prompts=3,
+        max_new_tokens=24,
+        batch_size=3,
+        progress=False,
+    )
+    summary = collect(cfg, smollm2)
+    st = Store(tmp_path / "s")
+    assert len(st) == 3 and st.layers == [30]
+    tok = smollm2.tokenizer
+    for prompt, i in zip(load_prompts([path])[:3], range(3), strict=False):
+        s = st[i]
+        text = tok.decode(s.input_ids)
+        assert text.startswith("<|im_start|>system\n") and prompt.turns[0] in text
+        answer = tok.decode(s.input_ids[s.loss_mask], skip_special_tokens=True)
+        assert len(answer.split()) >= 5  # a real answer, not noise
+        assert text.endswith(tok.decode(s.input_ids[s.loss_mask]))  # the answer closes the sequence
+        fresh = smollm2.hidden_states(s.input_ids[None])[0]  # unpadded, batch of one
+        torch.testing.assert_close(
+            s.hidden_states.float(), fresh.to(torch.bfloat16).float(), rtol=1e-2, atol=2e-2
+        )
+        # The stored hidden state is what the LM head reads: its argmax reproduces the answer.
+        logits = smollm2.lm_head(s.hidden_states[:, 0].float())
+        start = int(s.loss_mask.int().argmax())
+        agree = (logits[start - 1 : -1].argmax(-1) == s.input_ids[start:]).float().mean()
+        assert agree > 0.9
+    # Bytes per token: 2 bytes x 576 x 1 layer + int32 id + uint8 mask, plus small headers.
+    assert 1157 <= summary["bytes_per_token"] < 1157 * 1.1
