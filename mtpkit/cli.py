@@ -86,6 +86,36 @@ def _run_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a draft head on a frozen target",
+        description="Train a draft head from a `collect` store (data.store) or online (data.online). "
+        "Settings come from --config and dotted overrides such as optim.lr=3e-4 head.num_depths=3.",
+    )
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
+    p.add_argument("--out", help="run directory (same as out=...)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from mtpkit.config import load_config
+    from mtpkit.train.config import TrainConfig
+    from mtpkit.train.trainer import train
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    cfg = load_config(TrainConfig, args.config, overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"head: {result['head']}  (step {result['step']}, {result['tokens_seen']} tokens)")
+    for key, value in result["eval"].items():
+        print(f"  {key:<12} {value:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpkit", description="Multi-token-prediction draft heads for frozen LLMs."
@@ -93,12 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _collect_parser(sub)
+    _train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Dotted overrides (train) may sit anywhere among the flags; argparse alone cannot interleave them.
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -209,7 +209,7 @@ def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[
     return windows
 
 
-def _generate_batch(target: Target, cfg: CollectConfig, batch, seed: int) -> tuple[list, int, int]:
+def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int) -> tuple[list, int, int]:
     """Conversations for a batch of prompts; returns (samples, generated tokens, skipped)."""
     tok, eos = target.tokenizer, target.eos_token_ids
     budget = cfg.max_length - cfg.max_new_tokens
@@ -305,7 +305,7 @@ def _run(cfg, target, store: Store, items, key, spec, layers, store_dtype) -> di
         take = cfg.batch_size if room is None else min(cfg.batch_size, room)
         batch = items[consumed : consumed + take]
         if cfg.mode == "generate":
-            seqs, generated, skipped = _generate_batch(
+            seqs, generated, skipped = generate_conversations(
                 target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed
             )
         else:

@@ -1,0 +1,137 @@
+"""Draft heads: one file per family, and the registry every other part goes through.
+
+A head family is a config dataclass plus an nn.Module built as `Head(target, cfg)` with
+`forward_train(input_ids, hidden)` (per-depth normed states for the frozen LM head) and
+`describe()`. Heads are saved in mtpkit's native format — a directory with `config.json`
+(family, config, the identity of the target it was trained for) and `model.safetensors` —
+and loading refuses a target that differs in what the head depends on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtpkit.errors import MtpkitError
+from mtpkit.heads.mtp import MTPConfig, MTPHead
+from mtpkit.models import Target
+
+log = logging.getLogger(__name__)
+
+HEADS: dict[str, tuple[type, type]] = {"mtp": (MTPConfig, MTPHead)}
+HEAD_CONFIG = "config.json"
+HEAD_WEIGHTS = "model.safetensors"
+# A head is tied to these: a different value means different hidden states or token ids.
+_TARGET_MUST_MATCH = ("hidden_size", "vocab_size", "num_layers", "config_hash", "tokenizer_hash")
+
+
+class HeadError(MtpkitError, ValueError):
+    """A head that cannot be built, loaded or used with this target."""
+
+
+def head_config(head_type: str, fields: dict | None = None):
+    if head_type not in HEADS:
+        raise HeadError(f"unknown head type {head_type!r}; available: {sorted(HEADS)}")
+    cfg_cls = HEADS[head_type][0]
+    try:
+        return cfg_cls(**(fields or {}))
+    except TypeError as exc:
+        raise HeadError(f"head config for {head_type!r}: {exc}") from exc
+
+
+def build_head(target: Target, head_type: str, fields: dict | None = None) -> torch.nn.Module:
+    cfg = head_config(head_type, fields)
+    return HEADS[head_type][1](target, cfg)
+
+
+def save_head(head: torch.nn.Module, out: str | os.PathLike, target: Target) -> Path:
+    """Write the head in the native format; the directory appears complete or not at all."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, tmp / HEAD_WEIGHTS, {"format": "pt"})
+    meta = {
+        "head_type": head.head_type,
+        "head_config": asdict(head.cfg),
+        "target": target.identity(),
+        "mtpkit_format": 1,
+    }
+    (tmp / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def read_head_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    cfg_file = path / HEAD_CONFIG
+    if not cfg_file.is_file():
+        raise HeadError(f"{path}: not an mtpkit head directory (no {HEAD_CONFIG})")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise HeadError(f"{cfg_file}: corrupt head config ({exc})") from exc
+
+
+def check_target(meta: dict, target: Target, where: str) -> None:
+    """Refuse a target the head was not trained for, saying what differs."""
+    trained = meta.get("target", {})
+    here = target.identity()
+    diffs = [
+        f"{k}: head {trained.get(k)!r} vs target {here.get(k)!r}"
+        for k in _TARGET_MUST_MATCH
+        if trained.get(k) != here.get(k)
+    ]
+    if diffs:
+        raise HeadError(
+            f"{where}: head was trained for {trained.get('model_id')!r}, not {here.get('model_id')!r} — "
+            + "; ".join(diffs)
+        )
+    if trained.get("weights_hash") != here.get("weights_hash"):
+        log.warning(
+            "%s: target weights differ from those the head was trained on; acceptance may drop", where
+        )
+
+
+def load_head(path: str | os.PathLike, target: Target) -> torch.nn.Module:
+    """Load a native head directory for `target` (refused if trained for another target)."""
+    path = Path(path)
+    meta = read_head_config(path)
+    check_target(meta, target, str(path))
+    head = build_head(target, meta["head_type"], meta["head_config"])
+    try:
+        state = load_file(str(path / HEAD_WEIGHTS))
+    except Exception as exc:
+        raise HeadError(f"{path / HEAD_WEIGHTS}: cannot read head weights ({exc})") from exc
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HeadError(
+            f"{path / HEAD_WEIGHTS}: weights do not fit the head (missing {missing}, unexpected {unexpected})"
+        )
+    return head
+
+
+__all__ = [
+    "HEADS",
+    "HeadError",
+    "MTPConfig",
+    "MTPHead",
+    "build_head",
+    "load_head",
+    "read_head_config",
+    "save_head",
+]

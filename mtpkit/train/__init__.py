@@ -1,0 +1,1 @@
+"""Training: the loop, losses, data sources, checkpoints."""

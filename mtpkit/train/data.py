@@ -1,0 +1,202 @@
+"""Training batches: from a `collect` store (offline) or from the target in the loop (online).
+
+Both sources hand the trainer right-padded `Batch`es and expose their position as a small
+state dict, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from mtpkit.data.collect import CollectConfig, corpus_windows, generate_conversations, teacher_forced_hidden
+from mtpkit.data.prompts import load_documents, load_prompts
+from mtpkit.data.store import Sample, Store
+from mtpkit.errors import MtpkitError
+from mtpkit.models import Target
+
+_GROUP = 64  # samples sorted by length together, to cut padding without losing shuffling
+
+
+class DataError(MtpkitError, ValueError):
+    pass
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] long
+    loss_mask: torch.Tensor  # [B, T] bool (False on padding)
+    hidden: torch.Tensor  # [B, T, H] float32: the target's final post-norm hidden states
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def collate(samples: list[Sample], max_seq_len: int, layer: int = -1) -> Batch:
+    """Right-pad samples (truncated to max_seq_len); `layer` picks the stored layer to use."""
+    lengths = [min(len(s.input_ids), max_seq_len) for s in samples]
+    B, T = len(samples), max(lengths)
+    H = samples[0].hidden_states.shape[-1]
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    hidden = torch.zeros(B, T, H, dtype=torch.float32)
+    for row, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+        ids[row, :n] = s.input_ids[:n]
+        mask[row, :n] = s.loss_mask[:n]
+        hidden[row, :n] = s.hidden_states[:n, layer].float()
+    return Batch(ids, mask, hidden)
+
+
+def plan_batches(lengths: dict[int, int], seed: int, epoch: int, token_budget: int) -> list[list[int]]:
+    """One epoch of batches: shuffled, grouped by length, each within batch x longest <= budget."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = sorted(lengths)
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    for g in range(0, len(order), _GROUP):
+        group = sorted(order[g : g + _GROUP], key=lambda i: lengths[i])
+        batch: list[int] = []
+        for i in group:
+            if batch and (len(batch) + 1) * lengths[i] > token_budget:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+class StoreSource:
+    """Shuffled, length-grouped padded batches over a store's train split; held-out eval split."""
+
+    def __init__(
+        self,
+        store: Store,
+        token_budget: int,
+        max_seq_len: int,
+        eval_fraction: float,
+        eval_max_samples: int,
+        seed: int,
+    ):
+        if len(store) == 0:
+            raise DataError(f"{store.root}: the store holds no samples; run `mtpkit collect` first")
+        self.store, self.token_budget, self.max_seq_len, self.seed = store, token_budget, max_seq_len, seed
+        self.layer = store.layers.index(store.manifest["model"]["num_layers"])
+        self.lengths = [min(n, max_seq_len) for n in store.sample_lengths()]
+        order = list(range(len(store)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(eval_max_samples, round(len(store) * eval_fraction)) if len(store) > 1 else 0
+        self.eval_indices = sorted(order[:n_eval])
+        self.train_lengths = {i: self.lengths[i] for i in order[n_eval:]}
+        self.epoch, self.index = 0, 0
+        self._plan = plan_batches(self.train_lengths, seed, 0, token_budget)
+
+    def next_batch(self) -> Batch:
+        if self.index >= len(self._plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._plan = plan_batches(self.train_lengths, self.seed, self.epoch, self.token_budget)
+        ids = self._plan[self.index]
+        self.index += 1
+        return collate([self.store[i] for i in ids], self.max_seq_len, self.layer)
+
+    def eval_batches(self) -> list[Batch]:
+        lengths = {i: self.lengths[i] for i in self.eval_indices}
+        plan = plan_batches(lengths, self.seed, -1, self.token_budget) if lengths else []
+        return [collate([self.store[i] for i in ids], self.max_seq_len, self.layer) for ids in plan]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._plan = plan_batches(self.train_lengths, self.seed, self.epoch, self.token_budget)
+
+
+class OnlineSource:
+    """The frozen target answers prompts (or windows a corpus) in the loop; no store is written.
+
+    Items cycle epoch after epoch in a seeded order; the first `eval_samples` items of the
+    unshuffled stream are held out for evaluation and never trained on.
+    """
+
+    def __init__(self, target: Target, online, max_seq_len: int, seed: int):
+        if not online.prompts:
+            raise DataError("data.online.prompts is empty: give prompt or corpus files")
+        self.target, self.cfg, self.seed = target, online, seed
+        self.collect_cfg = CollectConfig(
+            model=target.name,
+            prompts=online.prompts,
+            out="",
+            mode=online.mode,
+            format=online.format,
+            text_field=online.text_field,
+            max_new_tokens=online.max_new_tokens,
+            temperature=online.temperature,
+            top_p=online.top_p,
+            sample_size=online.sample_size,
+            stride=online.stride,
+            max_length=max_seq_len,
+            batch_size=online.batch_size,
+        )
+        if online.mode == "generate":
+            items = load_prompts(online.prompts, online.format, online.text_field)
+        else:
+            items = corpus_windows(
+                target, self.collect_cfg, load_documents(online.prompts, online.format, online.text_field)
+            )
+        if len(items) <= online.eval_samples:
+            raise DataError(
+                f"online data has {len(items)} items, not more than eval_samples={online.eval_samples}"
+            )
+        self.eval_items, self.items = items[: online.eval_samples], items[online.eval_samples :]
+        self.max_seq_len = max_seq_len
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        if self.cfg.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def _make(self, items, seed: int) -> Batch:
+        if self.cfg.mode == "generate":
+            seqs, _, _ = generate_conversations(self.target, self.collect_cfg, items, seed)
+        else:
+            seqs = [(ids, [True] * len(ids), src) for ids, src in items]
+        if not seqs:
+            raise DataError("every prompt of an online batch exceeded max_seq_len - max_new_tokens")
+        layer = self.target.num_layers
+        hidden = teacher_forced_hidden(self.target, [s[0] for s in seqs], [layer], torch.float32, 1 << 30)
+        samples = [
+            Sample(torch.tensor(ids), torch.tensor(m), h) for (ids, m, _), h in zip(seqs, hidden, strict=True)
+        ]
+        return collate(samples, self.max_seq_len)
+
+    def next_batch(self) -> Batch:
+        order = self._order(self.epoch)
+        if self.index >= len(order):
+            self.epoch, self.index = self.epoch + 1, 0
+            order = self._order(self.epoch)
+        picked = order[self.index : self.index + self.cfg.batch_size]
+        seed = self.seed * 1_000_003 + self.epoch * 7919 + self.index
+        self.index += len(picked)
+        return self._make([self.items[i] for i in picked], seed)
+
+    def eval_batches(self) -> list[Batch]:
+        if not hasattr(self, "_eval"):
+            bs = self.cfg.batch_size
+            self._eval = [
+                self._make(self.eval_items[i : i + bs], self.seed + i)
+                for i in range(0, len(self.eval_items), bs)
+            ]
+        return self._eval
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]

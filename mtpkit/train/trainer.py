@@ -1,0 +1,311 @@
+"""`mtpkit train`: the one training loop for draft heads on a frozen target.
+
+Reads a `collect` store (or runs the target online), trains the head with AdamW under a
+warmup + decay schedule, evaluates per-depth loss / top-1 accuracy / simulated acceptance
+on a held-out split, logs to the console, JSONL and TensorBoard, and checkpoints so that a
+killed run resumes to the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mtpkit.config import to_dict
+from mtpkit.data.store import Store
+from mtpkit.errors import MtpkitError
+from mtpkit.heads import build_head, load_head, save_head
+from mtpkit.models import Target, load_target
+from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mtpkit.train.config import TrainConfig
+from mtpkit.train.data import Batch, OnlineSource, StoreSource
+from mtpkit.train.losses import depth_weights, lm_loss, shifted_labels
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(MtpkitError, RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- loss of one batch
+def batch_loss(head, batch: Batch, cfg: TrainConfig, weights: list[float], depths: int | None = None):
+    """Weighted per-depth loss of a batch, and per-depth stats (loss sum, count, hits [B, T])."""
+    outs = head.forward_train(batch.input_ids, batch.hidden, depths)
+    total = batch.hidden.new_zeros(())
+    stats = []
+    for k, h in enumerate(outs, start=1):
+        labels, valid = shifted_labels(batch.input_ids, batch.loss_mask, k)
+        teacher = None
+        if cfg.loss.kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
+            T = batch.hidden.shape[1]
+            shifted = torch.zeros_like(batch.hidden)
+            shifted[:, : T - k] = batch.hidden[:, k:]
+            teacher = shifted[valid]
+        loss_sum, hit = lm_loss(
+            h[valid], labels[valid], head.lm_head, cfg.loss.kind, teacher, cfg.loss.chunk_size
+        )
+        count = int(valid.sum())
+        hits = torch.zeros_like(valid)
+        hits[valid] = hit
+        stats.append({"loss_sum": loss_sum.detach(), "count": count, "hits": hits, "valid": valid})
+        if k <= len(weights):
+            total = total + weights[k - 1] * loss_sum / max(count, 1)
+    return total * cfg.loss.scaling_factor, stats
+
+
+def simulated_tau(stats: list[dict], max_k: int) -> dict[int, tuple[float, int]]:
+    """Teacher-forced chain-acceptance estimate per K: 1 + E[Σ_j Π_{d≤j} hit_d] over rows
+    where every depth up to K has a label. Returns {K: (sum of accepted + 1, rows)}."""
+    out = {}
+    for K in range(1, min(max_k, len(stats)) + 1):
+        rows = torch.stack([s["valid"] for s in stats[:K]]).all(0)
+        chain = torch.stack([s["hits"] for s in stats[:K]]).int().cumprod(0)  # [K, B, T]
+        accepted = chain.sum(0)[rows].float()
+        out[K] = (float((accepted + 1).sum()), int(rows.sum()))
+    return out
+
+
+@torch.no_grad()
+def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float]) -> dict:
+    depths = max(head.cfg.train_depths, cfg.simulate_k)
+    sums: dict[str, float] = {}
+    for batch in batches:
+        _, stats = batch_loss(head, batch, cfg, weights, depths)
+        for k, s in enumerate(stats[: head.cfg.train_depths], start=1):
+            sums[f"loss_sum_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
+            sums[f"hits_d{k}"] = sums.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
+            sums[f"count_d{k}"] = sums.get(f"count_d{k}", 0.0) + s["count"]
+        for K, (acc, rows) in simulated_tau(stats, cfg.simulate_k).items():
+            sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
+            sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
+    metrics = {}
+    for k in range(1, head.cfg.train_depths + 1):
+        n = max(sums.get(f"count_d{k}", 0.0), 1.0)
+        metrics[f"loss_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) / n
+        metrics[f"acc_d{k}"] = sums.get(f"hits_d{k}", 0.0) / n
+    for K in range(1, cfg.simulate_k + 1):
+        if sums.get(f"tau_rows_k{K}"):
+            metrics[f"sim_tau_k{K}"] = sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
+    return metrics
+
+
+# ---------------------------------------------------------------------------- logging
+class MetricsLogger:
+    """JSONL (the record) + TensorBoard (the plots). Appends, so a resumed run continues both."""
+
+    def __init__(self, run: Path):
+        self.path = run / "metrics.jsonl"
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run / "tb"))
+        except ImportError:  # tensorboard is a dependency, but never fail a run over plots
+            log.warning("tensorboard not installed; metrics go to %s only", self.path)
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        record = {
+            "step": step,
+            "split": split,
+            **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written after the checkpoint a run resumes from)."""
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return factor
+
+
+# ---------------------------------------------------------------------------- setup
+def _source(cfg: TrainConfig, target: Target):
+    d = cfg.data
+    if (d.store is None) == (d.online is None):
+        raise TrainingError("set exactly one of data.store (offline) and data.online (online mode)")
+    if d.online is not None:
+        return OnlineSource(target, d.online, d.max_seq_len, cfg.seed)
+    store = Store(d.store)
+    check_store(store, target)
+    return StoreSource(store, d.token_budget, d.max_seq_len, d.eval_fraction, d.eval_max_samples, cfg.seed)
+
+
+def check_store(store: Store, target: Target) -> None:
+    """Refuse a store collected from another target, saying what differs."""
+    have, here = store.manifest["model"], target.identity()
+    diffs = [
+        f"{k}: store {have.get(k)!r} vs target {here.get(k)!r}"
+        for k in ("hidden_size", "vocab_size", "num_layers", "config_hash", "tokenizer_hash", "weights_hash")
+        if have.get(k) != here.get(k)
+    ]
+    if diffs:
+        raise TrainingError(
+            f"{store.root}: collected from {have.get('model_id')!r}, not {target.name!r} — "
+            + "; ".join(diffs)
+        )
+    if target.num_layers not in store.layers:
+        raise TrainingError(
+            f"{store.root}: stores layers {store.layers} but MTP heads need the final hidden state "
+            f"(layer {target.num_layers}); collect with --layers including {target.num_layers}"
+        )
+
+
+def _target_spec(cfg: TrainConfig) -> str:
+    if cfg.model:
+        return cfg.model
+    if cfg.data.store:
+        return Store(cfg.data.store).manifest["model"]["model_id"]
+    raise TrainingError("set model: the target spec (or train from a store, which records it)")
+
+
+def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) -> dict:
+    """Train (or resume) a head; returns the final eval metrics and paths."""
+    run = Path(cfg.out)
+    existing = run.exists() and any(run.iterdir())
+    if existing and not resume:
+        raise TrainingError(
+            f"{run}: run directory is not empty; pass --resume to continue it or choose another --out"
+        )
+    target = target or load_target(_target_spec(cfg))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    source = _source(cfg, target)
+    head = load_head(cfg.init_from, target) if cfg.init_from else build_head(target, cfg.head_type, cfg.head)
+    head.train()
+    weights = depth_weights(head.cfg.train_depths, cfg.loss.depth_weights, cfg.loss.depth_decay)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    run.mkdir(parents=True, exist_ok=True)
+    resolved = to_dict(cfg)
+    resolved["head"] = head.describe()
+    (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    logger = MetricsLogger(run)
+    step, tokens_seen = 0, 0
+    ckpt = latest_checkpoint(run) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, head, target, optimizer, scheduler)
+        source.load_state_dict(state["data"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        logger.truncate_after(step)
+        log.info("resumed %s at step %d", ckpt, step)
+    elif resume and existing:
+        log.warning("%s: no checkpoint to resume from; starting at step 0", run)
+
+    eval_batches = source.eval_batches()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress or None, dynamic_ncols=True
+    )
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+    last_eval: dict = {}
+    try:
+        while step < cfg.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            loss_value, stats_sum = 0.0, {}
+            for _ in range(cfg.optim.grad_accum):
+                batch = source.next_batch()
+                with autocast:
+                    loss, stats = batch_loss(head, batch, cfg, weights)
+                (loss / cfg.optim.grad_accum).backward()
+                loss_value += loss.item() / cfg.optim.grad_accum
+                tokens_seen += batch.num_tokens
+                for k, s in enumerate(stats, start=1):
+                    stats_sum[f"loss_sum_d{k}"] = stats_sum.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
+                    stats_sum[f"hits_d{k}"] = stats_sum.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
+                    stats_sum[f"count_d{k}"] = stats_sum.get(f"count_d{k}", 0.0) + s["count"]
+            if not math.isfinite(loss_value):
+                good = latest_checkpoint(run)
+                raise TrainingError(
+                    f"step {step + 1}: loss is {loss_value}; stopped. Last good checkpoint: {good or 'none'} "
+                    "(lower optim.lr, or use precision: fp32)"
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                metrics = {
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": (tokens_seen - tokens_last) / max(now - t_last, 1e-9),
+                    "tokens": tokens_seen,
+                }
+                for k in range(1, head.cfg.train_depths + 1):
+                    n = max(stats_sum.get(f"count_d{k}", 0.0), 1.0)
+                    metrics[f"loss_d{k}"] = stats_sum.get(f"loss_sum_d{k}", 0.0) / n
+                    metrics[f"acc_d{k}"] = stats_sum.get(f"hits_d{k}", 0.0) / n
+                logger.log(step, "train", metrics)
+                bar.set_postfix(
+                    loss=f"{loss_value:.3f}",
+                    acc1=f"{metrics['acc_d1']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                )
+                t_last, tokens_last = now, tokens_seen
+            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                head.eval()
+                last_eval = evaluate(head, eval_batches, cfg, weights)
+                head.train()
+                logger.log(step, "eval", last_eval)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(
+                    run,
+                    step,
+                    head,
+                    target,
+                    optimizer,
+                    scheduler,
+                    {"data": source.state_dict(), "tokens_seen": tokens_seen},
+                )
+    finally:
+        bar.close()
+        logger.close()
+    head.eval()
+    save_head(head, run / "head", target)
+    return {
+        "run": str(run),
+        "head": str(run / "head"),
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "eval": last_eval,
+    }

@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtpkit.config import from_dict, load_config
+from mtpkit.data.store import Sample, Store
+from mtpkit.heads import load_head
+from mtpkit.models import load_target
+from mtpkit.train import trainer as trainer_mod
+from mtpkit.train.checkpoint import CheckpointError
+from mtpkit.train.config import TrainConfig
+from mtpkit.train.data import DataError
+from mtpkit.train.trainer import TrainingError, train
+
+PERIOD = [5, 9, 14, 20, 27, 33, 41]
+
+
+def periodic_store(path, target, n=24, length=40, seed=0):
+    """Samples cycling through PERIOD from a random phase: t_{i+1} is a function of t_i, so a
+    head must predict every depth exactly. Hidden states are the target's real ones."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        phase = int(torch.randint(0, len(PERIOD), (1,), generator=g))
+        ids = torch.tensor([PERIOD[(phase + t) % len(PERIOD)] for t in range(length)])
+        mask = torch.ones(length, dtype=torch.bool)
+        mask[:3] = False
+        hidden = target.hidden_states(ids[None])[0].to(torch.bfloat16)
+        samples.append(Sample(ids, mask, hidden, f"periodic:{i}"))
+    with Store.open_for_append(path, target.identity(), [target.num_layers], "bfloat16") as st:
+        st.commit(samples, "synthetic", {"consumed": n})
+    return path
+
+
+def _cfg(tmp_path, store, name="run", **kw):
+    data = {
+        "out": str(tmp_path / name),
+        "data": {"store": str(store), "token_budget": 256, "eval_fraction": 0.2},
+        "head": {"num_depths": 1, "train_depths": 2},
+        "max_steps": 10,
+        "eval_every": 5,
+        "save_every": 5,
+        "log_every": 1,
+        "progress": False,
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+    }
+    for key, value in kw.items():
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    return from_dict(TrainConfig, data)
+
+
+def _losses(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if r["split"] == "train"]
+
+
+def test_learns_a_periodic_sequence_and_never_touches_the_target(tmp_path, tiny_llama):
+    store = periodic_store(tmp_path / "store", tiny_llama)
+    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    cfg = _cfg(
+        tmp_path,
+        store,
+        max_steps=80,
+        eval_every=40,
+        head__num_depths=2,
+        head__train_depths=3,
+        optim__lr=1e-2,
+        optim__warmup_steps=5,
+    )
+    result = train(cfg, target=tiny_llama)
+    ev = result["eval"]
+    for k in (1, 2, 3):  # depth 3 reuses module 0 (repeated-layer mode on top of D=2)
+        assert ev[f"acc_d{k}"] > 0.95, ev
+    assert ev["sim_tau_k3"] > 3.8  # three drafts accepted almost always
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    # The tiny target's random LM head has small weights, which caps how peaked its logits can
+    # get; accuracy is the real test, the loss must still fall clearly.
+    assert losses[-1] < losses[0] - 1.0
+    for k, v in tiny_llama.model.state_dict().items():
+        assert torch.equal(v, before[k]), f"target weight {k} changed"
+    assert not any(p.requires_grad for p in tiny_llama.model.parameters())
+    head = load_head(result["head"], tiny_llama)  # the final head is a loadable native directory
+    assert head.cfg.num_depths == 2 and head.cfg.train_depths == 3
+    assert (tmp_path / "run" / "config.yaml").read_text().count("num_depths: 2") == 1
+    assert any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama, monkeypatch):
+    store = periodic_store(tmp_path / "store", tiny_llama)
+    train(_cfg(tmp_path, store, "full", max_steps=12, save_every=4), target=tiny_llama)
+
+    real_save = trainer_mod.save_checkpoint
+
+    def crash_after_step_8(run, step, *args, **kwargs):
+        real_save(run, step, *args, **kwargs)
+        if step == 8:
+            raise KeyboardInterrupt  # as if killed right after the step-8 checkpoint
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", crash_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), target=tiny_llama)
+    monkeypatch.undo()
+    # Records past the resumed checkpoint are dropped and rewritten.
+    with pytest.raises(TrainingError, match="not empty; pass --resume"):
+        train(_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), target=tiny_llama)
+    train(_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), resume=True, target=tiny_llama)
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "killed")
+    a = load_head(tmp_path / "full" / "head", tiny_llama).state_dict()
+    b = load_head(tmp_path / "killed" / "head", tiny_llama).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accum_bf16_and_distillation_run(tmp_path, tiny_llama):
+    store = periodic_store(tmp_path / "store", tiny_llama)
+    for name, kw in [
+        ("accum", {"optim__grad_accum": 2}),
+        ("bf16", {"precision": "bf16"}),
+        ("kl", {"loss__kind": "kl"}),
+        ("tv", {"loss__kind": "tv", "loss__depth_decay": 0.5}),
+    ]:
+        result = train(_cfg(tmp_path, store, name, max_steps=4, **kw), target=tiny_llama)
+        assert result["step"] == 4 and all(v == v for v in result["eval"].values()), name
+
+
+def test_deepseek_v3_target_trains(tmp_path):
+    target = load_target("tiny-deepseek_v3")
+    store = periodic_store(tmp_path / "store", target, n=8, length=20)
+    result = train(_cfg(tmp_path, store, head__init="last_layer", max_steps=3), target=target)
+    assert result["step"] == 3 and result["eval"]["loss_d1"] < 100
+
+
+def test_online_corpus_mode(tmp_path, tiny_llama):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(["abcdefg"] * 200))
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(tmp_path / "run"),
+            "max_steps": 6,
+            "eval_every": 3,
+            "save_every": 3,
+            "progress": False,
+            "data": {
+                "online": {
+                    "prompts": [str(corpus)],
+                    "mode": "corpus",
+                    "sample_size": 32,
+                    "batch_size": 4,
+                    "eval_samples": 4,
+                }
+            },
+        },
+    )
+    result = train(cfg, target=tiny_llama)
+    assert result["step"] == 6 and result["tokens_seen"] > 0 and "acc_d1" in result["eval"]
+
+
+def test_bad_inputs(tmp_path, tiny_llama, monkeypatch):
+    store = periodic_store(tmp_path / "store", tiny_llama, n=4)
+    with pytest.raises(TrainingError, match="collected from 'tiny-llama', not 'tiny-qwen2'.*config_hash"):
+        train(_cfg(tmp_path, store), target=load_target("tiny-qwen2"))
+    empty = tmp_path / "empty"
+    Store.open_for_append(empty, tiny_llama.identity(), [tiny_llama.num_layers], "bfloat16").close()
+    with pytest.raises(DataError, match="holds no samples"):
+        train(_cfg(tmp_path, empty, "e"), target=tiny_llama)
+    layers = tmp_path / "layers"
+    Store.open_for_append(layers, tiny_llama.identity(), [1], "bfloat16").close()
+    with pytest.raises(TrainingError, match="need the final hidden state"):
+        train(_cfg(tmp_path, layers, "l"), target=tiny_llama)
+
+    # NaN loss: stop with the step number, keep the last good checkpoint.
+    real = trainer_mod.batch_loss
+    calls = {"n": 0}
+
+    def nan_at_step_7(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += torch.is_grad_enabled()  # training steps only, not eval
+        return (loss * float("nan") if calls["n"] == 7 else loss), stats
+
+    monkeypatch.setattr(trainer_mod, "batch_loss", nan_at_step_7)
+    with pytest.raises(TrainingError, match=r"step 7: loss is nan.*step-000005"):
+        train(_cfg(tmp_path, store, "nan"), target=tiny_llama)
+    monkeypatch.undo()
+    ckpt = tmp_path / "nan" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step-000005"
+
+    # A corrupt checkpoint on resume: clear error, nothing overwritten.
+    (ckpt / "step-000005" / "optimizer.pt").write_bytes(b"garbage")
+    snapshot = sorted((p.name, p.stat().st_size) for p in ckpt.rglob("*"))
+    with pytest.raises(CheckpointError, match="step-000005: corrupt or incomplete checkpoint"):
+        train(_cfg(tmp_path, store, "nan"), resume=True, target=tiny_llama)
+    assert sorted((p.name, p.stat().st_size) for p in ckpt.rglob("*")) == snapshot
+
+
+def test_yaml_config_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out: runs/x\nhead:\n  num_depths: 2\noptim:\n  lr: 0.01\n")
+    cfg = load_config(
+        TrainConfig, path, ["optim.lr=3e-4", "head.train_depths=4", "data.store=s", "max_steps=7"]
+    )
+    assert cfg.optim.lr == 3e-4 and cfg.head == {"num_depths": 2, "train_depths": 4}
+    assert cfg.data.store == "s" and cfg.max_steps == 7 and cfg.optim.warmup_steps == 20
+    from mtpkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim: unknown field\(s\) \['lrr'\]"):
+        load_config(TrainConfig, path, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="schedule must be"):
+        load_config(TrainConfig, path, ["optim.schedule=exp"])
