@@ -220,3 +220,21 @@ def test_cli_config_file_and_errors(tmp_path, capsys):
     assert "neither a local path nor a known alias" in capsys.readouterr().err
     assert main(["collect", "--model", "tiny-llama", "--out", str(tmp_path / "x")]) == 2
     assert "missing required field(s) ['prompts']" in capsys.readouterr().err
+
+
+def test_float16_overflow_is_refused_but_padding_is_ignored(tmp_path, tiny_llama, monkeypatch):
+    from mtpkit.data.collect import teacher_forced_hidden
+
+    real = tiny_llama.hidden_states
+
+    def huge_padding(ids, mask, layers):
+        out = real(ids, mask, layers)
+        return out.masked_fill(~mask.bool()[:, :, None, None], 1e6)  # only padded rows are out of range
+
+    monkeypatch.setattr(tiny_llama, "hidden_states", huge_padding)
+    seqs = [[5, 6, 7], [5, 6, 7, 8, 9]]
+    out = teacher_forced_hidden(tiny_llama, seqs, [2], torch.float16, 1024)
+    assert [len(h) for h in out] == [3, 5] and all(bool(torch.isfinite(h).all()) for h in out)
+    monkeypatch.setattr(tiny_llama, "hidden_states", lambda ids, mask, layers: real(ids, mask, layers) * 1e6)
+    with pytest.raises(ValueError, match="exceed the float16 range"):
+        teacher_forced_hidden(tiny_llama, seqs, [2], torch.float16, 1024)

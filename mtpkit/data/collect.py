@@ -180,10 +180,11 @@ def teacher_forced_hidden(
             ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
             mask[row, : len(sequences[i])] = 1
         hidden = target.hidden_states(ids.to(target.device), mask.to(target.device), layers)
-        if dtype == torch.float16 and hidden.abs().max() > _FP16_MAX:
-            raise ValueError("hidden states exceed the float16 range; collect with --dtype bfloat16")
         for row, i in enumerate(idx):
-            results[i] = hidden[row, : len(sequences[i])].to(dtype).cpu()
+            real = hidden[row, : len(sequences[i])]  # padding rows are never stored, never checked
+            if dtype == torch.float16 and real.abs().max() > _FP16_MAX:
+                raise ValueError("hidden states exceed the float16 range; collect with --dtype bfloat16")
+            results[i] = real.to(dtype).cpu()
         start = end
     return results
 
