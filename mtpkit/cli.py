@@ -116,6 +116,59 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="measure acceptance and speedup of a trained head",
+        description="Speculative decoding with a trained head on real prompts: τ, acceptance rate, "
+        "per-position acceptance and wall-clock speedup over plain decoding, measured in one run.",
+    )
+    p.add_argument("--head", required=True, help="head directory, or a training run directory")
+    p.add_argument("--prompts", nargs="+", required=True, help="prompt files in any format collect reads")
+    p.add_argument("--model", help="target spec (default: the one the head was trained for)")
+    p.add_argument(
+        "-k", type=int, nargs="+", default=[3], help="draft tokens per step; several values = a sweep"
+    )
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt")
+    p.add_argument(
+        "--no-hf-baseline", dest="hf_baseline", action="store_false", help="skip HF generate() timing"
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--out", default="report.json", help="report JSON (a .md summary and PNG plots go beside it)"
+    )
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from mtpkit.spec.evaluate import EvalConfig, evaluate, summary_markdown
+
+    cfg = EvalConfig(
+        head=args.head,
+        prompts=args.prompts,
+        out=args.out,
+        model=args.model,
+        k=args.k,
+        max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        system_prompt=args.system_prompt,
+        hf_baseline=args.hf_baseline,
+        progress=args.progress,
+    )
+    report = evaluate(cfg)
+    print(summary_markdown(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpkit", description="Multi-token-prediction draft heads for frozen LLMs."
@@ -124,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _collect_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Speculative decoding with trained heads, acceptance metrics and `mtpkit eval`."""

@@ -1,0 +1,236 @@
+"""Speculative decoding with an MTP head on the target's KV cache (batch size 1).
+
+Each step the head drafts K tokens by chaining its depths, the target verifies them in one
+forward pass, the longest agreeing prefix plus one bonus token from the target is kept, and
+every cache is rolled back past rejected tokens. Greedy decoding keeps the target's argmax,
+so the output is the target's own greedy output; sampling uses standard speculative
+rejection sampling (accept with min(1, p/q), else resample from norm((p − q)+)), so the output
+distribution is the target's.
+
+Head caches are kept exactly as the head was trained. Row i of depth k reads hᵏ⁻¹_i and the
+embedding of t_{i+k}; with N verified tokens and the target having processed rows 0..N−2,
+depth k holds *committed* rows 0..N−k−1 (every input verified) in its cache, and the rows
+N−k..N−2 that involve drafts are run on top of it for drafting and then cropped away. Depth
+k uses module (k−1) mod D, with a cache of its own per depth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from mtpkit.errors import MtpkitError
+from mtpkit.models import Target
+
+
+class DecodeError(MtpkitError, ValueError):
+    pass
+
+
+@dataclass
+class StepStats:
+    drafted: int
+    accepted: int  # drafted tokens accepted (bonus excluded)
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # generated tokens (prompt excluded), EOS included if produced
+    steps: list[StepStats] = field(default_factory=list)
+    seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+
+def _truncate(cache: DynamicCache, keep: int, layer_idx: int = 0) -> None:
+    """Roll a cache back to its first `keep` positions (transformers 5: crop(−n) drops n)."""
+    extra = cache.get_seq_length(layer_idx) - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _process(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities after temperature and nucleus (top-p) filtering, as the samplers apply them."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest prefix with mass >= top_p
+        filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        probs = filtered / filtered.sum(-1, keepdim=True)
+    return probs
+
+
+class SpeculativeDecoder:
+    """Chain drafting with a trained head; K = 0 is plain KV-cache decoding (same code path)."""
+
+    def __init__(
+        self,
+        target: Target,
+        head=None,
+        k: int = 3,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ):
+        if k < 0 or (head is not None and k < 1):
+            raise DecodeError(f"k (draft tokens per step) must be >= 1, got {k}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise DecodeError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        self.target, self.head = target, head
+        self.k = k if head is not None else 0
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed)
+        self.max_positions = getattr(target.config, "max_position_embeddings", None)
+        if head is not None:
+            head.eval()
+
+    # ------------------------------------------------------------------ sampling helpers
+    def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if self.temperature == 0:
+            return int(logits.argmax(-1)), None
+        probs = _process(logits, self.temperature, self.top_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+
+    # ------------------------------------------------------------------ target
+    def _target_forward(self, ids: list[int], start: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden (post-norm) and logits of `ids` at positions start.. on top of `cache`."""
+        input_ids = torch.tensor([ids], device=self.target.device)
+        position_ids = torch.arange(start, start + len(ids), device=input_ids.device)[None]
+        out = self.target.backbone(
+            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True
+        )
+        hidden = out.last_hidden_state[0]
+        return hidden, self.target.lm_head(hidden)
+
+    # ------------------------------------------------------------------ head
+    def _run_depth(self, k: int, prev: torch.Tensor, tokens: list[int], start: int) -> torch.Tensor:
+        """Rows start.. of depth k on top of its cache; returns the pre-norm outputs [n, H]."""
+        head, cache = self.head, self.caches[k]
+        module = head.module_for_step(k - 1)
+        n = len(tokens)
+        position_ids = torch.arange(start, start + n)[None]
+        embeds = head.embed_tokens(torch.tensor([tokens]))
+        if start == 0 and head.cfg.zero_first_embedding:
+            embeds[:, 0] = 0  # as in training (and vLLM)
+        cos_sin = head.rotary_emb(prev[None], position_ids=position_ids)
+        from transformers.masking_utils import create_causal_mask
+
+        layer_idx = module.block.self_attn.layer_idx
+        mask = create_causal_mask(
+            config=head.config,
+            inputs_embeds=embeds,
+            attention_mask=None,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx,
+        )
+        return module(prev[None], embeds, mask, cos_sin, position_ids, cache)[0]
+
+    def _draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]:
+        """K chained drafts for positions N..N+K−1 given N verified tokens (`ids`).
+
+        Depth k: rows < max(N−k, 0) have verified inputs and are committed to its cache (once);
+        rows from there to N−2 read earlier drafts, so they run on top of the cache and are
+        cropped away after drafting. Row N−2 of depth k drafts t_{N+k−1}.
+        """
+        N = len(ids)
+        drafts: list[int] = []
+        probs: list[torch.Tensor | None] = []
+        tentative = self.outs[0][:0]  # depth k−1 outputs for rows it has not committed
+        for k in range(1, self.k + 1):
+            s = max(N - k, 0)
+            c = self.committed[k]
+            if s > c:
+                new = self._run_depth(k, self.outs[k - 1][c:s], ids[c + k : s + k], c)
+                self.outs[k] = torch.cat([self.outs[k], new])
+                self.committed[k] = s
+            if s <= N - 2:
+                prev = torch.cat([self.outs[k - 1][s : self.committed[k - 1]], tentative])
+                tentative = self._run_depth(k, prev, (ids + drafts)[s + k : N - 1 + k], s)
+                _truncate(self.caches[k], s, self.head.module_for_step(k - 1).block.self_attn.layer_idx)
+                last = tentative[-1]
+            else:
+                tentative = tentative[:0]
+                last = self.outs[k][N - 2]
+            norm = self.head.module_for_step(k - 1).shared_head.norm
+            token, p = self._pick(self.head.lm_head(norm(last)))
+            drafts.append(token)
+            probs.append(p)
+        return drafts, probs
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None
+    ) -> DecodeResult:
+        if not prompt_ids:
+            raise DecodeError("empty prompt")
+        if (
+            self.max_positions is not None
+            and len(prompt_ids) + max_new_tokens + self.k + 1 > self.max_positions
+        ):
+            raise DecodeError(
+                f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the target's context "
+                f"of {self.max_positions} positions"
+            )
+        eos = set(self.target.eos_token_ids if eos_ids is None else eos_ids)
+        start = time.perf_counter()
+        result = DecodeResult(tokens=[])
+        target_cache = DynamicCache(config=self.target.config)
+        # Prefill: rows 0..P−1; the first token comes from the last row.
+        hidden, logits = self._target_forward(prompt_ids, 0, target_cache)
+        first, _ = self._pick(logits[-1])
+        ids = [*prompt_ids, first]
+        result.tokens.append(first)
+        if self.head is not None:
+            # Committed outputs per depth (depth 0: the target's final hidden states) and caches.
+            self.outs = {k: hidden if k == 0 else hidden[:0] for k in range(self.k + 1)}
+            self.committed = {k: len(hidden) if k == 0 else 0 for k in range(self.k + 1)}
+            self.caches = {k: DynamicCache() for k in range(1, self.k + 1)}
+        while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
+            N = len(ids)
+            t0 = time.perf_counter()
+            drafts, q_probs = self._draft(ids) if self.k else ([], [])
+            t1 = time.perf_counter()
+            # Verify: the pending token and the drafts, at positions N−1..N−1+K.
+            hidden, logits = self._target_forward([ids[-1], *drafts], N - 1, target_cache)
+            accepted, bonus = self._accept(drafts, q_probs, logits)
+            new = [*drafts[:accepted], bonus]
+            _truncate(target_cache, N + accepted)  # keep rows 0..N−1+accepted
+            if self.head is not None:
+                self.outs[0] = torch.cat([self.outs[0], hidden[: accepted + 1]])
+                self.committed[0] = len(self.outs[0])
+            result.verify_seconds += time.perf_counter() - t1
+            result.draft_seconds += t1 - t0
+            if self.k:
+                result.steps.append(StepStats(drafted=len(drafts), accepted=accepted))
+            for token in new:  # stop exactly where plain decoding would
+                if len(result.tokens) >= max_new_tokens or result.tokens[-1] in eos:
+                    break
+                result.tokens.append(token)
+                ids.append(token)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _accept(self, drafts: list[int], q_probs, logits: torch.Tensor) -> tuple[int, int]:
+        """Number of accepted drafts and the bonus token (target's pick at the first mismatch)."""
+        if self.temperature == 0:
+            target_ids = logits.argmax(-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == target_ids[accepted]:
+                accepted += 1
+            return accepted, target_ids[accepted]
+        for j, (d, q) in enumerate(zip(drafts, q_probs, strict=True)):
+            p = _process(logits[j], self.temperature, self.top_p)
+            if torch.rand((), generator=self.generator) < torch.clamp(p[d] / q[d], max=1.0):
+                continue
+            residual = torch.clamp(p - q, min=0)
+            if residual.sum() <= 0:  # p == q: any sample from p is exact
+                residual = p
+            return j, int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
+        p = _process(logits[len(drafts)], self.temperature, self.top_p)
+        return len(drafts), int(torch.multinomial(p, 1, generator=self.generator))

@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from conftest import shared_prompts
+from scipy.stats import chisquare
+
+from mtpkit.config import from_dict
+from mtpkit.data.collect import CollectConfig, collect
+from mtpkit.heads import HeadError, build_head
+from mtpkit.models import load_target
+from mtpkit.spec.engine import DecodeError, SpeculativeDecoder, _process
+from mtpkit.spec.evaluate import EvalConfig, evaluate
+from mtpkit.spec.metrics import AcceptanceStats
+from mtpkit.train.config import TrainConfig
+from mtpkit.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama):
+    """A D=2 head trained (3 chained steps) on tiny-llama's own greedy answers: it gets accepted."""
+    root = tmp_path_factory.mktemp("spec")
+    collect(
+        CollectConfig(
+            model="tiny-llama",
+            prompts=[str(shared_prompts("vicuna_bench.jsonl"))],
+            out=str(root / "store"),
+            max_new_tokens=32,
+            max_prompts=40,
+            progress=False,
+        ),
+        tiny_llama,
+    )
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(root / "run"),
+            "head": {"num_depths": 2, "train_depths": 3},
+            "data": {"store": str(root / "store"), "token_budget": 1024},
+            "max_steps": 60,
+            "eval_every": 60,
+            "save_every": 60,
+            "progress": False,
+            "optim": {"lr": 3e-3, "warmup_steps": 5},
+        },
+    )
+    result = train(cfg, target=tiny_llama)
+    from mtpkit.heads import load_head
+
+    return load_head(result["head"], tiny_llama), root / "run"
+
+
+def _prompt(target, text="Tell me about the sea, please."):
+    return target.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plain_path_equals_hf_generate(tiny_llama):
+    ids = _prompt(tiny_llama)
+    plain = SpeculativeDecoder(tiny_llama).generate(ids, 40)
+    with torch.no_grad():
+        ref = tiny_llama.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=tiny_llama.eos_token_ids,
+            pad_token_id=2,
+        )
+    assert plain.tokens == ref[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_greedy_is_lossless_and_drafts_match_a_full_recompute(trained, tiny_llama, monkeypatch, k):
+    """Caches are rolled back correctly iff every draft equals the head's output recomputed from
+    scratch over ids + drafts (the training-time forward); K > D reuses depths cyclically."""
+    head, _ = trained
+    ids = _prompt(tiny_llama)
+    plain = SpeculativeDecoder(tiny_llama).generate(ids, 48)
+    trace = []
+    real = SpeculativeDecoder._draft
+
+    def record(self, seq):
+        drafts, probs = real(self, seq)
+        trace.append((list(seq), list(drafts)))
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeDecoder, "_draft", record)
+    spec = SpeculativeDecoder(tiny_llama, head, k=k).generate(ids, 48)
+    assert spec.tokens == plain.tokens
+    assert sum(s.accepted for s in spec.steps) > 0, "the trained head should be accepted sometimes"
+    for seq, drafts in trace:
+        N = len(seq)
+        with torch.no_grad():
+            h0 = tiny_llama.hidden_states(torch.tensor([seq[: N - 1]]))[0, :, 0]
+            expected = []
+            for depth in range(1, k + 1):
+                full = seq + expected + [0] * (k + 1)
+                hidden = torch.zeros(1, len(full), tiny_llama.hidden_size)
+                hidden[0, : N - 1] = h0
+                outs = head.forward_train(torch.tensor([full]), hidden, depths=depth)
+                expected.append(int(head.lm_head(outs[-1][0, N - 2]).argmax()))
+        assert drafts == expected
+
+
+def test_step_accounting(trained, tiny_llama):
+    head, _ = trained
+    res = SpeculativeDecoder(tiny_llama, head, k=3).generate(_prompt(tiny_llama), 30, eos_ids=[])
+    assert len(res.tokens) == 30
+    # First token from the prefill, then accepted + bonus per step (the last step may be cut at 30).
+    assert 1 + sum(s.accepted + 1 for s in res.steps) >= 30 > sum(s.accepted + 1 for s in res.steps[:-1])
+    assert all(s.drafted == 3 and 0 <= s.accepted <= 3 for s in res.steps)
+
+
+def test_acceptance_metrics_follow_vllm_definitions():
+    st = AcceptanceStats(3)
+    for accepted in [3, 0, 1, 2, 3]:
+        st.add(3, accepted)
+    assert st.tau == pytest.approx(1 + 9 / 5)
+    assert st.acceptance_rate == pytest.approx(9 / 15)
+    assert st.per_position == pytest.approx([4 / 5, 3 / 5, 2 / 5])
+    assert st.per_position == sorted(st.per_position, reverse=True)
+    other = AcceptanceStats(3)
+    other.add(3, 0)
+    st.merge(other)
+    assert st.steps == 6 and st.tau == pytest.approx(1 + 9 / 6)
+    with pytest.raises(ValueError):
+        st.add(3, 4)
+
+
+def test_rejection_sampling_reproduces_the_target_distribution():
+    """The core rule on fixed p and q: accept d ~ q with min(1, p/q), else resample from (p − q)+."""
+    torch.manual_seed(0)
+    V = 12
+    p_logits, q_logits = torch.randn(V) * 1.5, torch.randn(V) * 1.5
+    dec = SpeculativeDecoder.__new__(SpeculativeDecoder)
+    dec.temperature, dec.top_p, dec.generator = 1.0, 1.0, torch.Generator().manual_seed(1)
+    q = _process(q_logits, 1.0, 1.0)
+    p = _process(p_logits, 1.0, 1.0)
+    n = 20000
+    counts = Counter()
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=dec.generator))
+        accepted, bonus = dec._accept([d], [q], torch.stack([p_logits, p_logits]))
+        counts[d if accepted == 1 else bonus] += 1
+    observed = [counts[i] for i in range(V)]
+    expected = (p.double() / p.double().sum() * n).tolist()
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_sampled_speculative_decoding_matches_the_target_distribution(monkeypatch):
+    """End to end: the first speculative token (t2) follows the target's marginal
+    Σ_t1 p(t1 | prompt) p(t2 | prompt, t1) under temperature 0.7 and top-p 0.9, over many seeded
+    runs. Drafts come from a proposal that overlaps the target (the target itself at temperature
+    1.5), so acceptance and residual resampling both happen."""
+    target = load_target("tiny-llama")
+    with torch.no_grad():
+        target.lm_head.weight.mul_(30)  # a peaked target, so the test has statistical power
+    torch.manual_seed(0)
+    head = build_head(target, "mtp", {"num_depths": 1, "train_depths": 2})
+    ids = _prompt(target, "Hi")
+    temperature, top_p = 0.7, 0.9
+    with torch.no_grad():
+        p1 = _process(target.model(torch.tensor([ids])).logits[0, -1], temperature, top_p).double()
+        support = p1.nonzero().flatten().tolist()
+        batch = torch.tensor([[*ids, t1] for t1 in support])
+        p2 = _process(target.model(batch).logits[:, -1], temperature, top_p).double()
+    marginal = (p1[support, None] * p2).sum(0)
+
+    def draft_from_hot_target(self, seq):
+        drafts, probs = [], []
+        for _ in range(self.k):
+            with torch.no_grad():
+                q = _process(target.model(torch.tensor([seq + drafts])).logits[0, -1], 1.5, 1.0)
+            drafts.append(int(torch.multinomial(q, 1, generator=self.generator)))
+            probs.append(q)
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeDecoder, "_draft", draft_from_hot_target)
+    runs = 1500
+    counts, accepted = Counter(), 0
+    for seed in range(runs):
+        out = SpeculativeDecoder(target, head, k=2, temperature=temperature, top_p=top_p, seed=seed).generate(
+            ids, 2, eos_ids=[]
+        )
+        counts[out.tokens[1]] += 1
+        accepted += out.steps[0].accepted > 0
+    assert 0 < accepted < runs  # both paths of the rejection sampler were taken
+    assert all(counts[t] == 0 for t in counts if marginal[t] == 0)  # nothing outside top-p
+    bins = [t for t in range(len(marginal)) if marginal[t] * runs >= 5]
+    observed = [counts[t] for t in bins] + [runs - sum(counts[t] for t in bins)]
+    expected = [float(marginal[t]) * runs for t in bins] + [runs * (1 - float(marginal[bins].sum()))]
+    if expected[-1] < 1e-6:
+        observed, expected = observed[:-1], expected[:-1]
+    expected = [e * sum(observed) / sum(expected) for e in expected]  # exact totals for scipy
+    assert len(bins) >= 3
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_eval_report(trained, tmp_path, tiny_llama):
+    _, run = trained
+    out = tmp_path / "report.json"
+    report = evaluate(
+        EvalConfig(
+            head=str(run), prompts=["builtin"], out=str(out), k=[1, 3], max_new_tokens=24, progress=False
+        ),
+        tiny_llama,
+    )
+    assert report["identical"] == report["num_prompts"] == 8
+    assert report["k"] == 1 and [r["k"] for r in report["sweep"]] == [1, 3]
+    for r in report["sweep"]:
+        assert r["tau"] == pytest.approx(1 + r["accepted"] / r["steps"])
+        assert r["acceptance_rate"] == pytest.approx(r["accepted"] / r["drafted"])
+        assert r["per_position"] == sorted(r["per_position"], reverse=True)
+        assert r["speedup"] == pytest.approx(r["spec_tokens_per_s"] / report["base_tokens_per_s"])
+    for key in (
+        "tau",
+        "acceptance_rate",
+        "per_position",
+        "spec_tokens_per_s",
+        "base_tokens_per_s",
+        "speedup",
+        "hf_generate_tokens_per_s",
+        "identical",
+        "num_prompts",
+        "k",
+        "temperature",
+        "records",
+    ):
+        assert key in report
+    assert json.loads(out.read_text())["num_prompts"] == 8
+    for name in ("report.md", "report_per_position.png", "report_k_sweep.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| 3 |" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_eval_inputs(trained, tmp_path, tiny_llama):
+    head, run = trained
+    with pytest.raises(DecodeError, match="must be >= 1"):
+        EvalConfig(head=str(run), prompts=["builtin"], k=[0])
+    with pytest.raises(DecodeError, match="must be >= 1"):
+        SpeculativeDecoder(tiny_llama, head, k=0)
+    with pytest.raises(HeadError, match="trained for 'tiny-llama', not 'tiny-qwen2'"):
+        evaluate(
+            EvalConfig(head=str(run), prompts=["builtin"], out=str(tmp_path / "r.json")),
+            load_target("tiny-qwen2"),
+        )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(Exception, match="no prompts"):
+        evaluate(EvalConfig(head=str(run), prompts=[str(empty)], out=str(tmp_path / "r.json")), tiny_llama)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x" * 1000}) + "\n")
+    with pytest.raises(DecodeError, match="exceeds the context"):
+        evaluate(EvalConfig(head=str(run), prompts=[str(long)], out=str(tmp_path / "r.json")), tiny_llama)
+    with pytest.raises(DecodeError, match="exceeds the target's context"):
+        SpeculativeDecoder(tiny_llama, head, k=2).generate([5] * 1020, 10)
+    untrained = build_head(tiny_llama, "mtp", {})
+    assert SpeculativeDecoder(tiny_llama, untrained, k=2).generate([5, 6, 7], 5).tokens  # runs with any head
