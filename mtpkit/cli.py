@@ -169,6 +169,27 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="collect → train → eval on the embedded model, end to end",
+        description="On SmolLM2-135M-Instruct: the model answers built-in prompts, an MTP head is trained on "
+        "its hidden states, and speculative decoding is measured on held-out built-in prompts. Reruns reuse "
+        "the store and the trained head.",
+    )
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("-k", type=int, nargs="+", default=[3], help="draft tokens per step (several = sweep)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from mtpkit.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, steps=args.steps, k=tuple(args.k)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpkit", description="Multi-token-prediction draft heads for frozen LLMs."
@@ -178,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _collect_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    _demo_parser(sub)
     return parser
 
 

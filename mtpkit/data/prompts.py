@@ -18,7 +18,7 @@ from mtpkit.errors import MtpkitError
 
 log = logging.getLogger(__name__)
 
-BUILTIN = "builtin"  # `--prompts builtin`: a few prompts shipped with the package
+BUILTIN = "builtin"  # `--prompts builtin` (8 prompts) or `builtin:NAME` (mtpkit/data/builtin/NAME.jsonl)
 
 # Detection order matters: the first format whose field a record has wins.
 FORMATS = ("sharegpt", "messages", "turns", "self_instruct", "alpaca", "question", "prompt", "text")
@@ -204,8 +204,15 @@ def _iter_records(path: Path, skip_bad: bool) -> Iterator[tuple[dict, str]]:
 
 
 def resolve_source(path: str | Path) -> Path:
-    if str(path) == BUILTIN:
-        return Path(str(resources.files("mtpkit.data") / "builtin" / "prompts.jsonl"))
+    name = str(path)
+    if name == BUILTIN or name.startswith(BUILTIN + ":"):
+        stem = name.partition(":")[2] or "prompts"
+        builtin = Path(str(resources.files("mtpkit.data") / "builtin"))
+        found = builtin / f"{stem}.jsonl"
+        if not found.is_file():
+            names = sorted(f"{BUILTIN}:{p.stem}" for p in builtin.glob("*.jsonl"))
+            raise PromptFormatError(f"unknown built-in prompt set {name!r}; available: {', '.join(names)}")
+        return found
     p = Path(path).expanduser()
     if not p.is_file():
         raise PromptFormatError(f"{p}: prompt file not found")

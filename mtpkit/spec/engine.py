@@ -16,6 +16,7 @@ k uses module (k−1) mod D, with a cache of its own per depth.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +54,20 @@ def _truncate(cache: DynamicCache, keep: int, layer_idx: int = 0) -> None:
         cache.crop(-extra)
 
 
+def _cast_head(head, dtype: torch.dtype):
+    """The head itself in float32; otherwise a copy in `dtype` sharing the target's frozen modules."""
+    if dtype == torch.float32:
+        return head
+    frozen, head._frozen = head._frozen, ()
+    try:
+        clone = copy.deepcopy(head)
+    finally:
+        head._frozen = frozen
+    clone._frozen = frozen
+    clone.layers.to(dtype)  # rotary frequencies stay float32: positions need the precision
+    return clone
+
+
 def _process(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Probabilities after temperature and nucleus (top-p) filtering, as the samplers apply them."""
     probs = F.softmax(logits.float() / temperature, dim=-1)
@@ -75,6 +90,7 @@ class SpeculativeDecoder:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        draft_dtype: torch.dtype = torch.float32,
     ):
         if k < 0 or (head is not None and k < 1):
             raise DecodeError(f"k (draft tokens per step) must be >= 1, got {k}")
@@ -85,8 +101,16 @@ class SpeculativeDecoder:
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator().manual_seed(seed)
         self.max_positions = getattr(target.config, "max_position_embeddings", None)
+        self.draft_dtype = draft_dtype
         if head is not None:
             head.eval()
+            # Drafting is memory-bound (one row through a 49k-row LM head per draft), so a bf16
+            # copy halves its cost. Verification stays in the target's dtype: output unchanged.
+            self.head = _cast_head(head, draft_dtype)
+            self.draft_lm_weight = head.lm_head.weight.detach().to(draft_dtype)
+            self.draft_lm_bias = (
+                None if head.lm_head.bias is None else head.lm_head.bias.detach().to(draft_dtype)
+            )
 
     # ------------------------------------------------------------------ sampling helpers
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
@@ -113,7 +137,7 @@ class SpeculativeDecoder:
         module = head.module_for_step(k - 1)
         n = len(tokens)
         position_ids = torch.arange(start, start + n)[None]
-        embeds = head.embed_tokens(torch.tensor([tokens]))
+        embeds = head.embed_tokens(torch.tensor([tokens])).to(self.draft_dtype)
         if start == 0 and head.cfg.zero_first_embedding:
             embeds[:, 0] = 0  # as in training (and vLLM)
         cos_sin = head.rotary_emb(prev[None], position_ids=position_ids)
@@ -157,7 +181,7 @@ class SpeculativeDecoder:
                 tentative = tentative[:0]
                 last = self.outs[k][N - 2]
             norm = self.head.module_for_step(k - 1).shared_head.norm
-            token, p = self._pick(self.head.lm_head(norm(last)))
+            token, p = self._pick(F.linear(norm(last), self.draft_lm_weight, self.draft_lm_bias))
             drafts.append(token)
             probs.append(p)
         return drafts, probs
@@ -188,6 +212,7 @@ class SpeculativeDecoder:
         result.tokens.append(first)
         if self.head is not None:
             # Committed outputs per depth (depth 0: the target's final hidden states) and caches.
+            hidden = hidden.to(self.draft_dtype)
             self.outs = {k: hidden if k == 0 else hidden[:0] for k in range(self.k + 1)}
             self.committed = {k: len(hidden) if k == 0 else 0 for k in range(self.k + 1)}
             self.caches = {k: DynamicCache() for k in range(1, self.k + 1)}
@@ -202,7 +227,7 @@ class SpeculativeDecoder:
             new = [*drafts[:accepted], bonus]
             _truncate(target_cache, N + accepted)  # keep rows 0..N−1+accepted
             if self.head is not None:
-                self.outs[0] = torch.cat([self.outs[0], hidden[: accepted + 1]])
+                self.outs[0] = torch.cat([self.outs[0], hidden[: accepted + 1].to(self.draft_dtype)])
                 self.committed[0] = len(self.outs[0])
             result.verify_seconds += time.perf_counter() - t1
             result.draft_seconds += t1 - t0

@@ -1,0 +1,125 @@
+"""`mtpkit demo`: collect → train → eval on the embedded SmolLM2-135M-Instruct, end to end.
+
+The target answers mtpkit's own built-in training prompts (explanations, lists, code, math,
+rewriting, how-tos, writing), an MTP head is trained on its hidden states, and speculative
+decoding with that head is measured on held-out built-in prompts against plain decoding.
+Every stage resumes: a second run reuses the store and the trained head and only re-measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtpkit.config import from_dict
+from mtpkit.data.collect import CollectConfig, collect, format_summary
+from mtpkit.models import EMBEDDED_ALIAS, load_target
+from mtpkit.spec.evaluate import EvalConfig, evaluate
+from mtpkit.train.config import TrainConfig
+from mtpkit.train.trainer import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    model: str = EMBEDDED_ALIAS
+    train_prompts: str = "builtin:demo_train"
+    eval_prompts: str = "builtin:demo_eval"
+    max_new_tokens: int = 160  # per collected answer
+    steps: int = 300
+    k: tuple[int, ...] = (3,)
+    eval_max_new_tokens: int = 128
+    eval_prompts_count: int = 12
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    out = Path(cfg.out)
+    start = time.perf_counter()
+    target = load_target(cfg.model)
+
+    _banner(f"1/3 collect: {cfg.model} answers {cfg.train_prompts}")
+    summary = collect(
+        CollectConfig(
+            model=cfg.model,
+            prompts=[cfg.train_prompts],
+            out=str(out / "store"),
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=8,
+            max_length=1024,
+        ),
+        target,
+    )
+    print(format_summary(summary))
+
+    _banner(f"2/3 train: MTP head, 1 module trained over 3 chained drafts, {cfg.steps} steps")
+    run = out / "mtp"
+    if (run / "head" / "config.json").is_file():
+        print(f"reusing the trained head in {run / 'head'} (delete {run} to retrain)")
+    else:
+        train_cfg = from_dict(
+            TrainConfig,
+            {
+                "out": str(run),
+                "model": cfg.model,
+                "precision": "bf16",
+                "max_steps": cfg.steps,
+                "head": {"num_depths": 1, "train_depths": 3, "init": "last_layer"},
+                "data": {
+                    "store": str(out / "store"),
+                    "token_budget": 2048,
+                    "max_seq_len": 1024,
+                    "eval_fraction": 0.05,
+                },
+                "loss": {"depth_decay": 0.8},
+                "optim": {"lr": 2e-3, "warmup_steps": 20},
+                "eval_every": max(cfg.steps // 3, 1),
+                "save_every": max(cfg.steps // 3, 1),
+                "log_every": 10,
+            },
+        )
+        result = train(train_cfg, resume=run.exists(), target=target)
+        print("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in result["eval"].items()))
+
+    _banner(f"3/3 eval: speculative decoding on {cfg.eval_prompts} (held out), greedy, K = {list(cfg.k)}")
+    report = evaluate(
+        EvalConfig(
+            head=str(run),
+            prompts=[cfg.eval_prompts],
+            out=str(out / "report.json"),
+            k=list(cfg.k),
+            max_prompts=cfg.eval_prompts_count,
+            max_new_tokens=cfg.eval_max_new_tokens,
+        ),
+        target,
+    )
+    print()
+    print(_table(report))
+    print(f"\nreport: {out / 'report.json'} (+ .md, plots)   total {time.perf_counter() - start:.0f} s")
+    return report
+
+
+def _table(report: dict) -> str:
+    rows = [("K", "τ", "accept rate", "per-position", "spec tok/s", "plain tok/s", "speedup", "identical")]
+    for r in report["sweep"]:
+        rows.append(
+            (
+                str(r["k"]),
+                f"{r['tau']:.2f}",
+                f"{r['acceptance_rate']:.2f}",
+                " ".join(f"{x:.2f}" for x in r["per_position"]),
+                f"{r['spec_tokens_per_s']:.1f}",
+                f"{report['base_tokens_per_s']:.1f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['identical']}/{report['num_prompts']}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
