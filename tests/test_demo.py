@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from mtpkit.data.prompts import load_prompts
 from mtpkit.demo import DemoConfig, run_demo
@@ -11,7 +12,8 @@ def test_builtin_demo_sets_are_disjoint_and_varied():
     held_out = load_prompts(["builtin:demo_eval"])
     assert len(train) >= 64 and len(held_out) >= 12
     assert not {p.turns for p in train} & {p.turns for p in held_out}
-    categories = {json.loads(line)["category"] for line in open(train[0].source.rsplit(":", 1)[0])}
+    path = Path(train[0].source.rsplit(":", 1)[0])
+    categories = {json.loads(line)["category"] for line in path.read_text().splitlines()}
     assert {"explain", "list", "code", "math", "rewrite"} <= categories
 
 
