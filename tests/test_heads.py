@@ -83,6 +83,13 @@ def test_random_init_is_seeded_and_sane(tiny_llama):
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
     assert torch.equal(a.layers[0].enorm.weight, torch.ones_like(a.layers[0].enorm.weight))
+    # shared_head.norm feeds the target's LM head: it starts as the target's final norm.
+    target = load_target("tiny-llama")
+    with torch.no_grad():
+        target.final_norm.weight.uniform_(1.5, 2.0)
+    head = build_head(target, "mtp", {"num_depths": 2})
+    for module in head.layers:
+        assert torch.equal(module.shared_head.norm.weight, target.final_norm.weight)
     std = a.layers[0].eh_proj.weight.std().item()
     assert 0.01 < std < 0.03  # the family's initializer_range (0.02)
 

@@ -115,6 +115,11 @@ class MTPHead(nn.Module):
         # MoE experts and router), so a random head is initialised as a fresh layer would be.
         for module in self.layers.modules():
             target.model._init_weights(module)
+        for module in self.layers:
+            # shared_head.norm feeds the target's LM head, which was trained on the output of the
+            # target's final norm: start at its scale (SmolLM2's averages 1.8, not 1), or the
+            # head spends its first thousand steps only growing logits.
+            module.shared_head.norm.load_state_dict(target.final_norm.state_dict())
         if self.cfg.init == "last_layer":
             # Start from the target's last layer: a block that already speaks the target's
             # hidden-state language; eh_proj and the norms stay freshly initialised.
