@@ -46,3 +46,70 @@ def test_collect_stores_the_targets_own_final_hidden_states(tmp_path, smollm2):
         assert agree > 0.9
     # Bytes per token: 2 bytes x 576 x 1 layer + int32 id + uint8 mask, plus small headers.
     assert 1157 <= summary["bytes_per_token"] < 1157 * 1.1
+
+
+def test_train_then_decode_losslessly_on_the_real_model(tmp_path, smollm2):
+    from mtpkit.config import from_dict
+    from mtpkit.spec.evaluate import EvalConfig, evaluate
+    from mtpkit.train.config import TrainConfig
+    from mtpkit.train.trainer import train
+
+    store = tmp_path / "store"
+    collect(
+        CollectConfig(
+            model="smollm2-135m-instruct",
+            prompts=["builtin"],
+            out=str(store),
+            max_prompts=4,
+            max_new_tokens=24,
+            batch_size=4,
+            progress=False,
+        ),
+        smollm2,
+    )
+    before = {
+        k: v.clone()
+        for k, v in smollm2.model.state_dict().items()
+        if k.endswith(("embed_tokens.weight", "norm.weight", "layers.29.mlp.down_proj.weight"))
+    }
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(tmp_path / "run"),
+            "max_steps": 8,
+            "log_every": 1,
+            "eval_every": 8,
+            "save_every": 8,
+            "progress": False,
+            "precision": "bf16",
+            "head": {"num_depths": 1, "train_depths": 2, "init": "last_layer"},
+            "data": {"store": str(store), "token_budget": 512, "eval_fraction": 0.25},
+            "optim": {"lr": 2e-3, "warmup_steps": 2},
+        },
+    )
+    result = train(cfg, target=smollm2)
+    import json
+
+    losses = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["split"] == "train"
+    ]
+    assert len(losses) == 8 and all(loss == loss for loss in losses)
+    assert min(losses[-3:]) < losses[0]  # it learns on repeated batches
+    for k, v in before.items():
+        assert torch.equal(smollm2.model.state_dict()[k], v), k
+    report = evaluate(
+        EvalConfig(
+            head=result["head"],
+            prompts=["builtin"],
+            out=str(tmp_path / "r.json"),
+            k=[2],
+            max_prompts=1,
+            max_new_tokens=16,
+            hf_baseline=False,
+            progress=False,
+        ),
+        smollm2,
+    )
+    assert report["identical"] == 1  # speculative output == plain greedy output on the real model
