@@ -140,6 +140,12 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
+        "--draft-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype of drafting (verification always runs in the target's dtype, so output is unchanged)",
+    )
+    p.add_argument(
         "--out", default="report.json", help="report JSON (a .md summary and PNG plots go beside it)"
     )
     p.set_defaults(func=_run_eval)
@@ -162,6 +168,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt,
         hf_baseline=args.hf_baseline,
         progress=args.progress,
+        draft_dtype=args.draft_dtype,
     )
     report = evaluate(cfg)
     print(summary_markdown(report))
@@ -178,7 +185,7 @@ def _demo_parser(sub) -> None:
         "the store and the trained head.",
     )
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--steps", type=int, default=160, help="training steps")
     p.add_argument("-k", type=int, nargs="+", default=[3], help="draft tokens per step (several = sweep)")
     p.set_defaults(func=_run_demo)
 

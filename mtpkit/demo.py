@@ -30,7 +30,7 @@ class DemoConfig:
     train_prompts: str = "builtin:demo_train"
     eval_prompts: str = "builtin:demo_eval"
     max_new_tokens: int = 160  # per collected answer
-    steps: int = 300
+    steps: int = 160
     k: tuple[int, ...] = (3,)
     eval_max_new_tokens: int = 128
     eval_prompts_count: int = 12
@@ -71,10 +71,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 "model": cfg.model,
                 "precision": "bf16",
                 "max_steps": cfg.steps,
-                "head": {"num_depths": 1, "train_depths": 3, "init": "last_layer"},
+                "head": {"num_depths": 1, "train_depths": 3, "init": "random"},
                 "data": {
                     "store": str(out / "store"),
-                    "token_budget": 2048,
+                    "token_budget": 1024,
                     "max_seq_len": 1024,
                     "eval_fraction": 0.05,
                 },

@@ -28,6 +28,7 @@ from mtpkit.spec.engine import DecodeError, SpeculativeDecoder
 from mtpkit.spec.metrics import AcceptanceStats
 
 log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -45,6 +46,7 @@ class EvalConfig:
     system_prompt: str | None = None
     hf_baseline: bool = True
     progress: bool = True
+    draft_dtype: str = "bfloat16"  # drafting only; verification runs in the target's dtype
 
     def __post_init__(self):
         if isinstance(self.k, int):
@@ -53,6 +55,8 @@ class EvalConfig:
             raise DecodeError(f"-k must be >= 1 draft tokens per step, got {self.k}")
         if self.max_new_tokens < 1:
             raise DecodeError("max_new_tokens must be >= 1")
+        if self.draft_dtype not in _DTYPES:
+            raise DecodeError(f"draft_dtype must be one of {sorted(_DTYPES)}, got {self.draft_dtype!r}")
 
 
 def head_dir(path: str | Path) -> Path:
@@ -97,7 +101,10 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
 
     greedy = cfg.temperature == 0
     plain = SpeculativeDecoder(target, None, 0, cfg.temperature, cfg.top_p, cfg.seed)
-    specs = {k: SpeculativeDecoder(target, head, k, cfg.temperature, cfg.top_p, cfg.seed) for k in cfg.k}
+    specs = {
+        k: SpeculativeDecoder(target, head, k, cfg.temperature, cfg.top_p, cfg.seed, _DTYPES[cfg.draft_dtype])
+        for k in cfg.k
+    }
     # Warm-up: first calls pay one-off allocation and kernel selection costs.
     plain.generate(prompt_ids[0], 4)
     for dec in specs.values():
