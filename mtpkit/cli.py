@@ -96,6 +96,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
     p.add_argument("--out", help="run directory (same as out=...)")
+    p.add_argument("--head", help="head family from the registry (same as head_type=...): mtp")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
@@ -108,6 +109,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from mtpkit.train.trainer import train
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    overrides += [f"head_type={args.head}"] if args.head else []
     cfg = load_config(TrainConfig, args.config, overrides)
     result = train(cfg, resume=args.resume)
     print(f"head: {result['head']}  (step {result['step']}, {result['tokens_seen']} tokens)")
@@ -185,7 +187,7 @@ def _demo_parser(sub) -> None:
         "the store and the trained head.",
     )
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=160, help="training steps")
+    p.add_argument("--steps", type=int, default=100, help="training steps")
     p.add_argument("-k", type=int, nargs="+", default=[3], help="draft tokens per step (several = sweep)")
     p.set_defaults(func=_run_demo)
 
