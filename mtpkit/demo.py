@@ -30,7 +30,8 @@ class DemoConfig:
     train_prompts: str = "builtin:demo_train"
     eval_prompts: str = "builtin:demo_eval"
     max_new_tokens: int = 160  # per collected answer
-    steps: int = 160
+    steps: int = 100
+    sample_temperature: float = 0.8  # second collection pass
     k: tuple[int, ...] = (3,)
     eval_max_new_tokens: int = 128
     eval_prompts_count: int = 12
@@ -45,19 +46,24 @@ def run_demo(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
     target = load_target(cfg.model)
 
-    _banner(f"1/3 collect: {cfg.model} answers {cfg.train_prompts}")
-    summary = collect(
-        CollectConfig(
-            model=cfg.model,
-            prompts=[cfg.train_prompts],
-            out=str(out / "store"),
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=8,
-            max_length=1024,
-        ),
-        target,
-    )
-    print(format_summary(summary))
+    # Two answers per prompt, greedy and sampled: 96 short answers alone are memorised by a
+    # transformer layer within a few epochs; the sampled pass doubles the data at the same cost.
+    for temperature in (0.0, cfg.sample_temperature):
+        _banner(f"1/3 collect: {cfg.model} answers {cfg.train_prompts} (temperature {temperature})")
+        summary = collect(
+            CollectConfig(
+                model=cfg.model,
+                prompts=[cfg.train_prompts],
+                out=str(out / "store"),
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=8,
+                max_length=1024,
+                temperature=temperature,
+                top_p=0.95 if temperature else 1.0,
+            ),
+            target,
+        )
+        print(format_summary(summary))
 
     _banner(f"2/3 train: MTP head, 1 module trained over 3 chained drafts, {cfg.steps} steps")
     run = out / "mtp"
