@@ -219,10 +219,31 @@ def test_cli_train_with_head_flag_and_overrides(tmp_path, tiny_llama, capsys):
     from mtpkit.cli import main
 
     store = periodic_store(tmp_path / "store", tiny_llama, n=6)
-    args = ["train", "--head", "mtp", f"data.store={store}", "max_steps=2", "progress=false", "model=tiny-llama"]
+    args = [
+        "train",
+        "--head",
+        "mtp",
+        f"data.store={store}",
+        "max_steps=2",
+        "progress=false",
+        "model=tiny-llama",
+    ]
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
     assert "head:" in capsys.readouterr().out and (tmp_path / "run" / "head" / "model.safetensors").is_file()
     assert main([*args, "--out", str(tmp_path / "run")]) == 2  # exists: needs --resume
     assert "pass --resume" in capsys.readouterr().err
-    assert main(["train", "--head", "eagle9", f"data.store={store}", "model=tiny-llama", "--out", str(tmp_path / "r2")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--head",
+                "eagle9",
+                f"data.store={store}",
+                "model=tiny-llama",
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 2
+    )
     assert "unknown head type 'eagle9'" in capsys.readouterr().err
