@@ -74,24 +74,35 @@ def simulated_tau(stats: list[dict], max_k: int) -> dict[int, tuple[float, int]]
     return out
 
 
+def add_depth_stats(sums: dict[str, float], stats: list[dict]) -> None:
+    """Accumulate per-depth loss sums, top-1 hits and counts (from `batch_loss`) into `sums`."""
+    for k, s in enumerate(stats, start=1):
+        sums[f"loss_sum_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
+        sums[f"hits_d{k}"] = sums.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
+        sums[f"count_d{k}"] = sums.get(f"count_d{k}", 0.0) + s["count"]
+
+
+def depth_metrics(sums: dict[str, float], depths: int) -> dict[str, float]:
+    """Mean loss and top-1 accuracy per depth from accumulated sums."""
+    metrics = {}
+    for k in range(1, depths + 1):
+        n = max(sums.get(f"count_d{k}", 0.0), 1.0)
+        metrics[f"loss_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) / n
+        metrics[f"acc_d{k}"] = sums.get(f"hits_d{k}", 0.0) / n
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float]) -> dict:
     depths = max(head.cfg.train_depths, cfg.simulate_k)
     sums: dict[str, float] = {}
     for batch in batches:
         _, stats = batch_loss(head, batch, cfg, weights, depths)
-        for k, s in enumerate(stats[: head.cfg.train_depths], start=1):
-            sums[f"loss_sum_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
-            sums[f"hits_d{k}"] = sums.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
-            sums[f"count_d{k}"] = sums.get(f"count_d{k}", 0.0) + s["count"]
+        add_depth_stats(sums, stats[: head.cfg.train_depths])
         for K, (acc, rows) in simulated_tau(stats, cfg.simulate_k).items():
             sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
             sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
-    metrics = {}
-    for k in range(1, head.cfg.train_depths + 1):
-        n = max(sums.get(f"count_d{k}", 0.0), 1.0)
-        metrics[f"loss_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) / n
-        metrics[f"acc_d{k}"] = sums.get(f"hits_d{k}", 0.0) / n
+    metrics = depth_metrics(sums, head.cfg.train_depths)
     for K in range(1, cfg.simulate_k + 1):
         if sums.get(f"tau_rows_k{K}"):
             metrics[f"sim_tau_k{K}"] = sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
@@ -246,10 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
                 (loss / cfg.optim.grad_accum).backward()
                 loss_value += loss.item() / cfg.optim.grad_accum
                 tokens_seen += batch.num_tokens
-                for k, s in enumerate(stats, start=1):
-                    stats_sum[f"loss_sum_d{k}"] = stats_sum.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
-                    stats_sum[f"hits_d{k}"] = stats_sum.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
-                    stats_sum[f"count_d{k}"] = stats_sum.get(f"count_d{k}", 0.0) + s["count"]
+                add_depth_stats(stats_sum, stats)
             if not math.isfinite(loss_value):
                 good = latest_checkpoint(run)
                 raise TrainingError(
@@ -270,11 +278,8 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": (tokens_seen - tokens_last) / max(now - t_last, 1e-9),
                     "tokens": tokens_seen,
+                    **depth_metrics(stats_sum, head.cfg.train_depths),
                 }
-                for k in range(1, head.cfg.train_depths + 1):
-                    n = max(stats_sum.get(f"count_d{k}", 0.0), 1.0)
-                    metrics[f"loss_d{k}"] = stats_sum.get(f"loss_sum_d{k}", 0.0) / n
-                    metrics[f"acc_d{k}"] = stats_sum.get(f"hits_d{k}", 0.0) / n
                 logger.log(step, "train", metrics)
                 bar.set_postfix(
                     loss=f"{loss_value:.3f}",
