@@ -238,6 +238,7 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
         log.info("resumed %s at step %d", ckpt, step)
     elif resume and existing:
         log.warning("%s: no checkpoint to resume from; starting at step 0", run)
+        logger.truncate_after(0)
 
     eval_batches = source.eval_batches()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
