@@ -19,7 +19,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -64,7 +64,6 @@ class CollectConfig:
     commit_every_s: float = 300.0  # also commit at least this often, to bound lost work
     forward_tokens: int = 16384  # token budget of one teacher-forced forward
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form notes recorded with the job
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
