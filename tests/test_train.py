@@ -247,3 +247,34 @@ def test_cli_train_with_head_flag_and_overrides(tmp_path, tiny_llama, capsys):
         == 2
     )
     assert "unknown head type 'eagle9'" in capsys.readouterr().err
+
+
+def test_online_generate_mode_holds_out_eval_prompts(tmp_path, tiny_llama):
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(tmp_path / "run"),
+            "max_steps": 3,
+            "eval_every": 3,
+            "save_every": 3,
+            "progress": False,
+            "data": {
+                "online": {
+                    "prompts": ["builtin:demo_train"],
+                    "max_new_tokens": 6,
+                    "batch_size": 4,
+                    "eval_samples": 4,
+                }
+            },
+        },
+    )
+    result = train(cfg, target=tiny_llama)
+    assert result["step"] == 3 and result["tokens_seen"] > 0 and "acc_d1" in result["eval"]
+    from mtpkit.train.data import OnlineSource
+
+    source = OnlineSource(tiny_llama, cfg.data.online, 1024, seed=0)
+    held_out = {p.turns for p in source.eval_items}
+    assert len(held_out) == 4 and not held_out & {p.turns for p in source.items}
+    batch = source.next_batch()
+    assert batch.input_ids.shape[0] == 4 and batch.loss_mask.any()
+    assert source.state_dict() == {"epoch": 0, "index": 4}
