@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from mtpkit.errors import MtpkitError
+from mtpkit.models.loader import identity_differences
 
 FORMAT = "mtpkit-store"
 VERSION = 1
@@ -260,13 +261,12 @@ class Store:
     def _check_compatible(self, identity: dict, layers: list[int], dtype: str) -> None:
         have = self.manifest["model"]
         where = self.root / MANIFEST
-        for key in _IDENTITY_KEYS:
-            if have.get(key) != identity.get(key):
-                raise StoreError(
-                    f"{where}: refusing to append — the store holds data of model {have.get('model_id')!r} "
-                    f"({key} {have.get(key)}), this run uses {identity.get('model_id')!r} ({key} {identity.get(key)}); "
-                    "collect into a new --out directory"
-                )
+        diffs = identity_differences(have, identity, _IDENTITY_KEYS, "store", "this run")
+        if diffs:
+            raise StoreError(
+                f"{where}: refusing to append — the store holds data of model {have.get('model_id')!r}, "
+                f"this run uses {identity.get('model_id')!r} ({'; '.join(diffs)}); collect into a new --out directory"
+            )
         if self.layers != list(layers):
             raise StoreError(
                 f"{where}: refusing to append — store has layers {self.layers}, this run asks for {list(layers)}"

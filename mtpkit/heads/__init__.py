@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from mtpkit.errors import MtpkitError
 from mtpkit.heads.mtp import MTPConfig, MTPHead
 from mtpkit.models import Target
+from mtpkit.models.loader import identity_differences
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,7 @@ def check_target(meta: dict, target: Target, where: str) -> None:
     """Refuse a target the head was not trained for, saying what differs."""
     trained = meta.get("target", {})
     here = target.identity()
-    diffs = [
-        f"{k}: head {trained.get(k)!r} vs target {here.get(k)!r}"
-        for k in _TARGET_MUST_MATCH
-        if trained.get(k) != here.get(k)
-    ]
+    diffs = identity_differences(trained, here, _TARGET_MUST_MATCH, "head", "target")
     if diffs:
         raise HeadError(
             f"{where}: head was trained for {trained.get('model_id')!r}, not {here.get('model_id')!r} — "

@@ -169,6 +169,15 @@ class Target:
         return self._identity
 
 
+def identity_differences(have: dict, here: dict, keys, have_name: str, here_name: str) -> list[str]:
+    """`key: <have_name> X vs <here_name> Y` for every identity field in `keys` that differs."""
+    return [
+        f"{k}: {have_name} {have.get(k)!r} vs {here_name} {here.get(k)!r}"
+        for k in keys
+        if have.get(k) != here.get(k)
+    ]
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 

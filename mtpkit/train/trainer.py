@@ -24,6 +24,7 @@ from mtpkit.data.store import Store
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, load_head, save_head
 from mtpkit.models import Target, load_target
+from mtpkit.models.loader import identity_differences
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
@@ -177,11 +178,8 @@ def _source(cfg: TrainConfig, target: Target):
 def check_store(store: Store, target: Target) -> None:
     """Refuse a store collected from another target, saying what differs."""
     have, here = store.manifest["model"], target.identity()
-    diffs = [
-        f"{k}: store {have.get(k)!r} vs target {here.get(k)!r}"
-        for k in ("hidden_size", "vocab_size", "num_layers", "config_hash", "tokenizer_hash", "weights_hash")
-        if have.get(k) != here.get(k)
-    ]
+    keys = ("hidden_size", "vocab_size", "num_layers", "config_hash", "tokenizer_hash", "weights_hash")
+    diffs = identity_differences(have, here, keys, "store", "target")
     if diffs:
         raise TrainingError(
             f"{store.root}: collected from {have.get('model_id')!r}, not {target.name!r} — "
