@@ -240,14 +240,9 @@ def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int)
     return samples, generated, skipped
 
 
-# ---------------------------------------------------------------------------- the job
-def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
-    """Run (or resume) a collection job; return the summary."""
-    target = target or load_target(cfg.model, dtype=cfg.model_dtype)
-    layers = target.check_layers(cfg.layers if cfg.layers is not None else [target.num_layers])
-    store_dtype = STORE_DTYPES[cfg.dtype]
-
-    # Read every source before touching the store: bad input fails here, with nothing written.
+def stream_items(target: Target, cfg: CollectConfig) -> list:
+    """The job's items in order: prompts (generate) or token windows (corpus), shuffled by seed
+    if asked (documents before windowing), cut to `max_prompts`."""
     if cfg.mode == "generate":
         items = load_prompts(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
     else:
@@ -256,8 +251,18 @@ def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
         random.Random(cfg.seed).shuffle(items)
     if cfg.mode == "corpus":
         items = corpus_windows(target, cfg, items)
-    if cfg.max_prompts is not None:
-        items = items[: cfg.max_prompts]
+    return items if cfg.max_prompts is None else items[: cfg.max_prompts]
+
+
+# ---------------------------------------------------------------------------- the job
+def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
+    """Run (or resume) a collection job; return the summary."""
+    target = target or load_target(cfg.model, dtype=cfg.model_dtype)
+    layers = target.check_layers(cfg.layers if cfg.layers is not None else [target.num_layers])
+    store_dtype = STORE_DTYPES[cfg.dtype]
+
+    # Read every source before touching the store: bad input fails here, with nothing written.
+    items = stream_items(target, cfg)
     key, spec = job_key(cfg, layers)
 
     store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype)

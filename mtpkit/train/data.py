@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtpkit.data.collect import CollectConfig, corpus_windows, generate_conversations, teacher_forced_hidden
-from mtpkit.data.prompts import load_documents, load_prompts
+from mtpkit.data.collect import CollectConfig, generate_conversations, stream_items, teacher_forced_hidden
 from mtpkit.data.store import Sample, Store
 from mtpkit.errors import MtpkitError
 from mtpkit.models import Target
@@ -142,12 +141,7 @@ class OnlineSource:
             max_length=max_seq_len,
             batch_size=online.batch_size,
         )
-        if online.mode == "generate":
-            items = load_prompts(online.prompts, online.format, online.text_field)
-        else:
-            items = corpus_windows(
-                target, self.collect_cfg, load_documents(online.prompts, online.format, online.text_field)
-            )
+        items = stream_items(target, self.collect_cfg)  # unshuffled: epochs reshuffle below
         if len(items) <= online.eval_samples:
             raise DataError(
                 f"online data has {len(items)} items, not more than eval_samples={online.eval_samples}"
