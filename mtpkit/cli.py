@@ -96,7 +96,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
     p.add_argument("--out", help="run directory (same as out=...)")
-    p.add_argument("--head", help="head family from the registry (same as head_type=...): mtp")
+    p.add_argument(
+        "--head", help="head family from the registry (same as head_type=...): mtp, eagle3, medusa, diffusion"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )

@@ -6,7 +6,6 @@ import pytest
 import torch
 from test_train import PERIOD, _cfg, _losses, periodic_store
 
-from mtpkit.data.store import Sample, Store
 from mtpkit.heads import HeadError, build_head, load_head, save_head
 from mtpkit.heads.eagle3 import default_layers, ttt_allowed
 from mtpkit.models import load_target
@@ -165,24 +164,9 @@ def test_save_load_round_trip_and_checkpoint_names(tmp_path, tiny_llama):
     assert "midlayer.hidden_norm.weight" in sd
 
 
-def _eagle_store(path, target, layers, n=24, length=40):
-    g = torch.Generator().manual_seed(0)
-    samples = []
-    for i in range(n):
-        phase = int(torch.randint(0, len(PERIOD), (1,), generator=g))
-        ids = torch.tensor([PERIOD[(phase + t) % len(PERIOD)] for t in range(length)])
-        mask = torch.ones(length, dtype=torch.bool)
-        mask[:3] = False
-        hidden = target.hidden_states(ids[None], None, layers)[0].to(torch.bfloat16)
-        samples.append(Sample(ids, mask, hidden, f"periodic:{i}"))
-    with Store.open_for_append(path, target.identity(), layers, "bfloat16") as st:
-        st.commit(samples, "synthetic", {"consumed": n})
-    return path
-
-
 @pytest.mark.parametrize("kind", ["ce", "kl"])
 def test_learns_a_periodic_sequence(tmp_path, tiny_llama, kind):
-    store = _eagle_store(tmp_path / "store", tiny_llama, [0, 1, 2])
+    store = periodic_store(tmp_path / "store", tiny_llama, layers=[0, 1, 2])
     cfg = _cfg(
         tmp_path,
         store,

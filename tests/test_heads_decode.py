@@ -8,7 +8,9 @@ import torch
 from conftest import shared_prompts
 
 from mtpkit.config import from_dict
+from mtpkit.data import chat
 from mtpkit.data.collect import CollectConfig, collect
+from mtpkit.data.prompts import Prompt
 from mtpkit.heads import load_head
 from mtpkit.spec.engine import DecodeError, SpeculativeDecoder
 from mtpkit.train.config import TrainConfig
@@ -16,6 +18,8 @@ from mtpkit.train.trainer import train
 
 HEADS = {
     "eagle3": {"draft_vocab_size": 200, "ttt_steps": 3},
+    "medusa": {"num_heads": 4},
+    "diffusion": {"block_length": 4, "denoising_steps": 2, "max_anchors": 256},
 }
 
 
@@ -60,20 +64,24 @@ def trained(store, tiny_llama):
 
 
 def _prompt(target, text="Tell me about the sea, please."):
-    return target.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat.start(target.tokenizer, Prompt((text,), None, "test")).ids  # as trained: a chat turn
 
 
 def _expected_drafts(head, target, seq: list[int], k: int) -> list[int]:
     """The training forward over seq (+ drafts so far), read at the anchor row N−2."""
     N = len(seq)
     expected: list[int] = []
+    head.eval()
+    layers = getattr(head, "feature_layers", None)  # EAGLE-3: fused layers; others: the final state
     with torch.no_grad():
-        feats = target.hidden_states(torch.tensor([seq[: N - 1]]), None, head.feature_layers)[0]
+        feats = target.hidden_states(torch.tensor([seq[: N - 1]]), None, layers)[0]
+        feats = feats if layers else feats[:, 0]
         for depth in range(1, k + 1):
             full = seq + expected + [0] * (k + 1)
             x = torch.zeros(1, len(full), *feats.shape[1:])
             x[0, : N - 1] = feats
             outs = head.forward_train(torch.tensor([full]), x, depth)
+            outs = outs[0] if isinstance(outs, tuple) else outs
             student, _ = head.output_layers(depth) if hasattr(head, "output_layers") else (head.lm_head, None)
             token = int(student(outs[-1][0, N - 2]).argmax())
             expected.append(int(head.draft_to_target()[token]) if hasattr(head, "d2t") else token)

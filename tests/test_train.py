@@ -18,7 +18,7 @@ from mtpkit.train.trainer import TrainingError, train
 PERIOD = [5, 9, 14, 20, 27, 33, 41]
 
 
-def periodic_store(path, target, n=24, length=40, seed=0):
+def periodic_store(path, target, n=24, length=40, seed=0, layers=None):
     """Samples cycling through PERIOD from a random phase: t_{i+1} is a function of t_i, so a
     head must predict every depth exactly. Hidden states are the target's real ones."""
     g = torch.Generator().manual_seed(seed)
@@ -28,9 +28,9 @@ def periodic_store(path, target, n=24, length=40, seed=0):
         ids = torch.tensor([PERIOD[(phase + t) % len(PERIOD)] for t in range(length)])
         mask = torch.ones(length, dtype=torch.bool)
         mask[:3] = False
-        hidden = target.hidden_states(ids[None])[0].to(torch.bfloat16)
+        hidden = target.hidden_states(ids[None], None, layers)[0].to(torch.bfloat16)
         samples.append(Sample(ids, mask, hidden, f"periodic:{i}"))
-    with Store.open_for_append(path, target.identity(), [target.num_layers], "bfloat16") as st:
+    with Store.open_for_append(path, target.identity(), layers or [target.num_layers], "bfloat16") as st:
         st.commit(samples, "synthetic", {"consumed": n})
     return path
 

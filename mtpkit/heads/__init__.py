@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtpkit.errors import MtpkitError
+from mtpkit.heads.diffusion import DiffusionConfig, DiffusionHead
 from mtpkit.heads.eagle3 import Eagle3Config, Eagle3Head
+from mtpkit.heads.medusa import MedusaConfig, MedusaHead
 from mtpkit.heads.mtp import MTPConfig, MTPHead
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 HEADS: dict[str, tuple[type, type]] = {
     "mtp": (MTPConfig, MTPHead),
     "eagle3": (Eagle3Config, Eagle3Head),
+    "medusa": (MedusaConfig, MedusaHead),
+    "diffusion": (DiffusionConfig, DiffusionHead),
 }
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"

@@ -36,7 +36,7 @@ class MTPDrafter:
     module (k−1) mod D, with a cache of its own per depth.
     """
 
-    def __init__(self, head, k: int, dtype: torch.dtype, pick: Pick):
+    def __init__(self, head, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True):
         self.head, self.k, self.dtype, self.pick = head, k, dtype, pick
         self.feature_layers = [head.num_target_layers]
         self.lm_weight = head.lm_head.weight.detach().to(dtype)
@@ -108,7 +108,7 @@ class Eagle3Drafter:
     """One midlayer cache: step-1 rows 0..N−2 (target features, all inputs verified) are
     committed; steps 2..K run one row each on top of it and are cropped away after drafting."""
 
-    def __init__(self, head, k: int, dtype: torch.dtype, pick: Pick):
+    def __init__(self, head, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True):
         self.head, self.k, self.dtype, self.pick = head, k, dtype, pick
         self.feature_layers = head.feature_layers
         self.ids_map = head.draft_to_target()
@@ -151,8 +151,66 @@ class Eagle3Drafter:
         return drafts, probs
 
 
-def make_drafter(head, k: int, dtype: torch.dtype, pick: Pick):
-    drafters = {"mtp": MTPDrafter, "eagle3": Eagle3Drafter}
-    if head.head_type not in drafters:
+class _LastRow:
+    """Drafters that condition only on the target's last processed row (h_{N−2})."""
+
+    def start(self, features: torch.Tensor) -> None:
+        self.last = features[-1, 0].to(self.dtype)
+
+    commit = start
+
+
+class MedusaDrafter(_LastRow):
+    """Head k's argmax on h_{N−2} drafts t_{N+k−1}: no cache, nothing to roll back."""
+
+    def __init__(self, head, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True):
+        if k > head.cfg.num_heads:
+            raise ValueError(
+                f"a Medusa head with {head.cfg.num_heads} heads drafts at most that many tokens, not {k}"
+            )
+        self.head, self.k, self.dtype, self.pick = head, k, dtype, pick
+        self.feature_layers = [head.num_target_layers]
+        self.lm = [head.output_layers(j)[0].weight.detach().to(dtype) for j in range(1, k + 1)]
+
+    def draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]:
+        picks = [self.pick(F.linear(self.head.blocks[j](self.last), self.lm[j])) for j in range(self.k)]
+        return [t for t, _ in picks], [p for _, p in picks]
+
+
+class DiffusionDrafter(_LastRow):
+    """The block [MASK]×L conditioned on h_{N−2} and t_{N−1}, denoised in S passes; the first K
+    of its L tokens are the drafts. Stateless between steps."""
+
+    def __init__(self, head, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True):
+        if k > head.cfg.block_length:
+            raise ValueError(
+                f"a diffusion head with block_length {head.cfg.block_length} drafts at most that many, not {k}"
+            )
+        self.head, self.k, self.dtype, self.pick, self.greedy = head, k, dtype, pick, greedy
+        self.feature_layers = [head.num_target_layers]
+        self.lm_weight = head.lm_head.weight.detach().to(dtype)
+
+    def draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]:
+        head = self.head
+        tokens, _, probs = head.denoise(
+            self.last[None],
+            torch.tensor([ids[-1]]),
+            head.cfg.denoising_steps,
+            lambda h: F.linear(h, self.lm_weight),
+            None if self.greedy else self.pick,
+        )
+        return tokens[0, : self.k].tolist(), probs[: self.k]
+
+
+DRAFTERS = {
+    "mtp": MTPDrafter,
+    "eagle3": Eagle3Drafter,
+    "medusa": MedusaDrafter,
+    "diffusion": DiffusionDrafter,
+}
+
+
+def make_drafter(head, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True):
+    if head.head_type not in DRAFTERS:
         raise ValueError(f"no drafter for head type {head.head_type!r}")
-    return drafters[head.head_type](head, k, dtype, pick)
+    return DRAFTERS[head.head_type](head, k, dtype, pick, greedy)

@@ -103,7 +103,10 @@ class SpeculativeDecoder:
             self.head = _cast_head(head, draft_dtype)
         self.feature_layers = [target.num_layers]
         if head is not None:
-            self.drafter = make_drafter(self.head, self.k, draft_dtype, self._pick)
+            try:
+                self.drafter = make_drafter(self.head, self.k, draft_dtype, self._pick, temperature == 0)
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from exc
             self.feature_layers = self.drafter.feature_layers
 
     # ------------------------------------------------------------------ sampling helpers
