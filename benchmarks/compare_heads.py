@@ -1,0 +1,218 @@
+"""All draft-head families on one target, one store, one training budget, one eval harness.
+
+    flock /tmp/mtpkit-heavy.lock .venv/bin/python benchmarks/compare_heads.py \
+        --store runs/heads-store --steps 150 --max-prompts 4 --max-new-tokens 64
+
+1. Collects (or reuses) a store from the training prompts with the layers every family reads:
+   EAGLE-3's low / middle / high layers plus the final state.
+2. Trains each variant with the same steps x token budget, seed, data order and held-out split
+   (`--steps`, `--token-budget`), and times it (CPU seconds of this process).
+3. Runs `mtpkit eval` (greedy, plain decoding as the baseline, interleaved per prompt) on every
+   eval set (`--eval`), and reports per variant: trainable parameters, τ, per-position
+   acceptance, draft and verify ms per step, speedup, and whether the output was identical.
+
+Prints a table and writes JSON to benchmarks/results/compare_heads.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mtpkit.config import from_dict
+from mtpkit.data.collect import CollectConfig, collect
+from mtpkit.heads import load_head
+from mtpkit.heads.eagle3 import default_layers
+from mtpkit.models import EMBEDDED_ALIAS, load_target
+from mtpkit.spec.evaluate import EvalConfig, evaluate
+from mtpkit.train.config import TrainConfig
+from mtpkit.train.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+TRAIN_FILES = [
+    "gsm8k_train.jsonl",
+    "vicuna_bench.jsonl",
+    "self_instruct_user_oriented.jsonl",
+    "arena_hard_v2.jsonl",
+]
+# name: (head type, head config, most draft tokens it can make or None, extra train-config fields)
+VARIANTS = {
+    "mtp D=1": ("mtp", {"num_depths": 1, "train_depths": 4}, None, {}),
+    "mtp D=2": ("mtp", {"num_depths": 2, "train_depths": 4}, None, {}),
+    "mtp D=3": ("mtp", {"num_depths": 3, "train_depths": 4}, None, {}),
+    "eagle3": ("eagle3", {"ttt_steps": 4}, None, {}),
+    "medusa": ("medusa", {"num_heads": 4}, 4, {}),
+    "diffusion L=4 S=1": ("diffusion", {"block_length": 4, "denoising_steps": 1}, 4, {}),
+    "diffusion L=4 S=2": ("diffusion", {"block_length": 4, "denoising_steps": 2}, 4, {}),
+    "diffusion L=8 S=1": ("diffusion", {"block_length": 8, "denoising_steps": 1}, 8, {}),
+    "diffusion L=8 S=2": ("diffusion", {"block_length": 8, "denoising_steps": 2}, 8, {}),
+}
+
+
+def run(args, target) -> dict:
+    layers = sorted({*default_layers(target.num_layers), target.num_layers})
+    if not (args.store / "manifest.json").exists():
+        collect(
+            CollectConfig(
+                model=args.model,
+                prompts=[str(p) for p in args.train_prompts],
+                out=str(args.store),
+                layers=layers,
+                max_prompts=args.prompts_count,
+                max_new_tokens=args.collect_new_tokens,
+                shuffle=True,
+                max_length=1024,
+                progress=args.progress,
+            ),
+            target,
+        )
+    rows = []
+    for name in args.variants.split(","):
+        head_type, head_cfg, max_k, extra = VARIANTS[name]
+        out = args.runs / name.replace(" ", "_").replace("=", "")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = from_dict(
+            TrainConfig,
+            {
+                "out": str(out),
+                "head_type": head_type,
+                "head": head_cfg,
+                "precision": args.precision,
+                "max_steps": args.steps,
+                "eval_every": args.steps,
+                "save_every": args.steps,
+                "seed": 0,
+                "progress": args.progress,
+                "data": {"store": str(args.store), "token_budget": args.token_budget, "max_seq_len": 1024},
+                "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
+                **extra,
+            },
+        )
+        torch.manual_seed(0)
+        cpu0 = time.process_time()
+        result = train(cfg, target=target)
+        train_cpu_s = time.process_time() - cpu0
+        head = load_head(result["head"], target)
+        params = sum(p.numel() for p in head.parameters())
+        ks = sorted({min(k, max_k or k) for k in args.k})
+        per_set = {}
+        for prompts in args.eval:
+            report = evaluate(
+                EvalConfig(
+                    head=result["head"],
+                    prompts=[str(prompts)],
+                    out=str(out / f"eval_{Path(prompts).stem}.json"),
+                    k=ks,
+                    max_prompts=args.max_prompts,
+                    max_new_tokens=args.max_new_tokens,
+                    hf_baseline=False,
+                    progress=False,
+                ),
+                target,
+            )
+            per_set[Path(prompts).stem] = {
+                r["k"]: {
+                    key: r[key]
+                    for key in (
+                        "tau",
+                        "per_position",
+                        "speedup",
+                        "draft_ms_per_step",
+                        "verify_ms_per_step",
+                        "identical",
+                    )
+                }
+                | {"num_prompts": report["num_prompts"]}
+                for r in report["sweep"]
+            }
+        rows.append(
+            {
+                "variant": name,
+                "head_type": head_type,
+                "head": head_cfg,
+                "params": params,
+                "train_cpu_s": round(train_cpu_s, 1),
+                "train_tokens": result["tokens_seen"],
+                "sim_tau": {k: v for k, v in result["eval"].items() if k.startswith("sim_tau")},
+                "eval": per_set,
+            }
+        )
+        print(f"{name}: {params / 1e6:.2f}M params, trained in {train_cpu_s:.0f} CPU-s", flush=True)
+    return {"layers": layers, "rows": rows}
+
+
+def mean_over_sets(row: dict, k: int, key: str) -> float | None:
+    vals = [s[k][key] for s in row["eval"].values() if k in s]
+    return sum(vals) / len(vals) if vals else None
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| variant | params | train CPU-s | K | τ | per-position | draft ms/step | verify ms/step | speedup | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        for k in sorted({k for s in r["eval"].values() for k in s}):
+            sets = [s[k] for s in r["eval"].values() if k in s]
+            per = [sum(x) / len(sets) for x in zip(*(s["per_position"] for s in sets), strict=True)]
+            same = sum(s["identical"] for s in sets)
+            total = sum(s["num_prompts"] for s in sets)
+            lines.append(
+                f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['train_cpu_s']:.0f} | {k} | "
+                f"{mean_over_sets(r, k, 'tau'):.2f} | {' '.join(f'{x:.2f}' for x in per)} | "
+                f"{mean_over_sets(r, k, 'draft_ms_per_step'):.1f} | {mean_over_sets(r, k, 'verify_ms_per_step'):.1f} | "
+                f"{mean_over_sets(r, k, 'speedup'):.2f}x | {same}/{total} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED_ALIAS)
+    p.add_argument("--store", type=Path, default=REPO / "runs" / "heads-store")
+    p.add_argument("--runs", type=Path, default=REPO / "runs" / "compare-heads")
+    p.add_argument(
+        "--train-prompts", type=Path, nargs="+", default=[SHARED / "prompts" / f for f in TRAIN_FILES]
+    )
+    p.add_argument("--eval", type=Path, nargs="+", default=sorted((SHARED / "eval").glob("*.jsonl")))
+    p.add_argument("--prompts-count", type=int, default=240)
+    p.add_argument("--collect-new-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--token-budget", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--max-prompts", type=int, default=4, help="per eval set")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
+    )
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_heads.json")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    target = load_target(args.model)
+    result = run(args, target)
+    budget = f"{args.steps} steps x {args.token_budget}-token batches, lr {args.lr}, {args.precision}"
+    md = table(result)
+    print(
+        f"\n{args.model}; budget: {budget}; eval: {len(args.eval)} sets x {args.max_prompts} prompts, "
+        f"{args.max_new_tokens} new tokens, greedy\n\n{md}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    doc = {"benchmark": "compare_heads", "model": args.model, "budget": budget, "machine": meta, **result}
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(f"wrote {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
