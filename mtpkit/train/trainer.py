@@ -25,6 +25,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, load_head, save_head
 from mtpkit.models import Target, load_target
 from mtpkit.models.loader import identity_differences
+from mtpkit.spec.evaluate import head_dir
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
@@ -212,7 +213,11 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     source = _source(cfg, target)
-    head = load_head(cfg.init_from, target) if cfg.init_from else build_head(target, cfg.head_type, cfg.head)
+    head = (
+        load_head(head_dir(cfg.init_from), target)
+        if cfg.init_from
+        else build_head(target, cfg.head_type, cfg.head)
+    )
     head.train()
     weights = depth_weights(head.cfg.train_depths, cfg.loss.depth_weights, cfg.loss.depth_decay)
     params = [p for p in head.parameters() if p.requires_grad]
