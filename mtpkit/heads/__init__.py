@@ -19,13 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtpkit.errors import MtpkitError
+from mtpkit.heads.eagle3 import Eagle3Config, Eagle3Head
 from mtpkit.heads.mtp import MTPConfig, MTPHead
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
 
 log = logging.getLogger(__name__)
 
-HEADS: dict[str, tuple[type, type]] = {"mtp": (MTPConfig, MTPHead)}
+HEADS: dict[str, tuple[type, type]] = {
+    "mtp": (MTPConfig, MTPHead),
+    "eagle3": (Eagle3Config, Eagle3Head),
+}
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
 # A head is tied to these: a different value means different hidden states or token ids.
@@ -42,13 +46,16 @@ def head_config(head_type: str, fields: dict | None = None):
     cfg_cls = HEADS[head_type][0]
     try:
         return cfg_cls(**(fields or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise HeadError(f"head config for {head_type!r}: {exc}") from exc
 
 
 def build_head(target: Target, head_type: str, fields: dict | None = None) -> torch.nn.Module:
     cfg = head_config(head_type, fields)
-    return HEADS[head_type][1](target, cfg)
+    try:
+        return HEADS[head_type][1](target, cfg)
+    except ValueError as exc:
+        raise HeadError(f"{head_type} head for {target.name}: {exc}") from exc
 
 
 def save_head(head: torch.nn.Module, out: str | os.PathLike, target: Target) -> Path:

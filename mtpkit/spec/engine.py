@@ -1,17 +1,14 @@
-"""Speculative decoding with an MTP head on the target's KV cache (batch size 1).
+"""Speculative decoding with a trained draft head on the target's KV cache (batch size 1).
 
-Each step the head drafts K tokens by chaining its depths, the target verifies them in one
+Each step the head drafts K tokens, the target verifies them in one
 forward pass, the longest agreeing prefix plus one bonus token from the target is kept, and
 every cache is rolled back past rejected tokens. Greedy decoding keeps the target's argmax,
 so the output is the target's own greedy output; sampling uses standard speculative
 rejection sampling (accept with min(1, p/q), else resample from norm((p − q)+)), so the output
 distribution is the target's.
 
-Head caches are kept exactly as the head was trained. Row i of depth k reads hᵏ⁻¹_i and the
-embedding of t_{i+k}; with N verified tokens and the target having processed rows 0..N−2,
-depth k holds *committed* rows 0..N−k−1 (every input verified) in its cache, and the rows
-N−k..N−2 that involve drafts are run on top of it for drafting and then cropped away. Depth
-k uses module (k−1) mod D, with a cache of its own per depth.
+Each head family keeps its own drafting state and caches (`drafters.py`); the engine asks the
+target for the hidden layers the head reads, in the same verification forward pass.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from transformers import DynamicCache
 
 from mtpkit.errors import MtpkitError
 from mtpkit.models import Target
+from mtpkit.spec.drafters import make_drafter, truncate
 
 
 class DecodeError(MtpkitError, ValueError):
@@ -47,15 +45,9 @@ class DecodeResult:
     verify_seconds: float = 0.0
 
 
-def _truncate(cache: DynamicCache, keep: int, layer_idx: int = 0) -> None:
-    """Roll a cache back to its first `keep` positions (transformers 5: crop(−n) drops n)."""
-    extra = cache.get_seq_length(layer_idx) - keep
-    if extra > 0:
-        cache.crop(-extra)
-
-
 def _cast_head(head, dtype: torch.dtype):
-    """The head itself in float32; otherwise a copy in `dtype` sharing the target's frozen modules."""
+    """The head itself in float32; otherwise a copy in `dtype` sharing the target's frozen modules.
+    Rotary frequencies stay float32: positions need the precision."""
     if dtype == torch.float32:
         return head
     frozen, head._frozen = head._frozen, ()
@@ -64,7 +56,9 @@ def _cast_head(head, dtype: torch.dtype):
     finally:
         head._frozen = frozen
     clone._frozen = frozen
-    clone.layers.to(dtype)  # rotary frequencies stay float32: positions need the precision
+    for name, child in clone.named_children():
+        if name != "rotary_emb":
+            child.to(dtype)
     return clone
 
 
@@ -107,10 +101,10 @@ class SpeculativeDecoder:
             # Drafting is memory-bound (one row through a 49k-row LM head per draft), so a bf16
             # copy halves its cost. Verification stays in the target's dtype: output unchanged.
             self.head = _cast_head(head, draft_dtype)
-            self.draft_lm_weight = head.lm_head.weight.detach().to(draft_dtype)
-            self.draft_lm_bias = (
-                None if head.lm_head.bias is None else head.lm_head.bias.detach().to(draft_dtype)
-            )
+        self.feature_layers = [target.num_layers]
+        if head is not None:
+            self.drafter = make_drafter(self.head, self.k, draft_dtype, self._pick)
+            self.feature_layers = self.drafter.feature_layers
 
     # ------------------------------------------------------------------ sampling helpers
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
@@ -121,70 +115,25 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ target
     def _target_forward(self, ids: list[int], start: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden (post-norm) and logits of `ids` at positions start.. on top of `cache`."""
+        """Features [n, n_layers, H] (the drafter's layers) and logits of `ids` at positions start..
+        on top of `cache`."""
         input_ids = torch.tensor([ids], device=self.target.device)
         position_ids = torch.arange(start, start + len(ids), device=input_ids.device)[None]
+        L = self.target.num_layers
         out = self.target.backbone(
-            input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=any(layer != L for layer in self.feature_layers),
         )
         hidden = out.last_hidden_state[0]
-        return hidden, self.target.lm_head(hidden)
-
-    # ------------------------------------------------------------------ head
-    def _run_depth(self, k: int, prev: torch.Tensor, tokens: list[int], start: int) -> torch.Tensor:
-        """Rows start.. of depth k on top of its cache; returns the pre-norm outputs [n, H]."""
-        head, cache = self.head, self.caches[k]
-        module = head.module_for_step(k - 1)
-        n = len(tokens)
-        position_ids = torch.arange(start, start + n)[None]
-        embeds = head.embed_tokens(torch.tensor([tokens])).to(self.draft_dtype)
-        if start == 0 and head.cfg.zero_first_embedding:
-            embeds[:, 0] = 0  # as in training (and vLLM)
-        cos_sin = head.rotary_emb(prev[None], position_ids=position_ids)
-        from transformers.masking_utils import create_causal_mask
-
-        layer_idx = module.block.self_attn.layer_idx
-        mask = create_causal_mask(
-            config=head.config,
-            inputs_embeds=embeds,
-            attention_mask=None,
-            cache=cache,
-            position_ids=position_ids,
-            layer_idx=layer_idx,
-        )
-        return module(prev[None], embeds, mask, cos_sin, position_ids, cache)[0]
+        layers = [hidden if i == L else out.hidden_states[i][0] for i in self.feature_layers]
+        return torch.stack(layers, dim=1), self.target.lm_head(hidden)
 
     def _draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]:
-        """K chained drafts for positions N..N+K−1 given N verified tokens (`ids`).
-
-        Depth k: rows < max(N−k, 0) have verified inputs and are committed to its cache (once);
-        rows from there to N−2 read earlier drafts, so they run on top of the cache and are
-        cropped away after drafting. Row N−2 of depth k drafts t_{N+k−1}.
-        """
-        N = len(ids)
-        drafts: list[int] = []
-        probs: list[torch.Tensor | None] = []
-        tentative = self.outs[0][:0]  # depth k−1 outputs for rows it has not committed
-        for k in range(1, self.k + 1):
-            s = max(N - k, 0)
-            c = self.committed[k]
-            if s > c:
-                new = self._run_depth(k, self.outs[k - 1][c:s], ids[c + k : s + k], c)
-                self.outs[k] = torch.cat([self.outs[k], new])
-                self.committed[k] = s
-            if s <= N - 2:
-                prev = torch.cat([self.outs[k - 1][s : self.committed[k - 1]], tentative])
-                tentative = self._run_depth(k, prev, (ids + drafts)[s + k : N - 1 + k], s)
-                _truncate(self.caches[k], s, self.head.module_for_step(k - 1).block.self_attn.layer_idx)
-                last = tentative[-1]
-            else:
-                tentative = tentative[:0]
-                last = self.outs[k][N - 2]
-            norm = self.head.module_for_step(k - 1).shared_head.norm
-            token, p = self._pick(F.linear(norm(last), self.draft_lm_weight, self.draft_lm_bias))
-            drafts.append(token)
-            probs.append(p)
-        return drafts, probs
+        """K proposals for positions N..N+K−1 given the N verified tokens `ids`."""
+        return self.drafter.draft(ids)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -206,29 +155,24 @@ class SpeculativeDecoder:
         result = DecodeResult(tokens=[])
         target_cache = DynamicCache(config=self.target.config)
         # Prefill: rows 0..P−1; the first token comes from the last row.
-        hidden, logits = self._target_forward(prompt_ids, 0, target_cache)
+        features, logits = self._target_forward(prompt_ids, 0, target_cache)
         first, _ = self._pick(logits[-1])
         ids = [*prompt_ids, first]
         result.tokens.append(first)
         if self.head is not None:
-            # Committed outputs per depth (depth 0: the target's final hidden states) and caches.
-            hidden = hidden.to(self.draft_dtype)
-            self.outs = {k: hidden if k == 0 else hidden[:0] for k in range(self.k + 1)}
-            self.committed = {k: len(hidden) if k == 0 else 0 for k in range(self.k + 1)}
-            self.caches = {k: DynamicCache() for k in range(1, self.k + 1)}
+            self.drafter.start(features)
         while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
             N = len(ids)
             t0 = time.perf_counter()
             drafts, q_probs = self._draft(ids) if self.k else ([], [])
             t1 = time.perf_counter()
             # Verify: the pending token and the drafts, at positions N−1..N−1+K.
-            hidden, logits = self._target_forward([ids[-1], *drafts], N - 1, target_cache)
+            features, logits = self._target_forward([ids[-1], *drafts], N - 1, target_cache)
             accepted, bonus = self._accept(drafts, q_probs, logits)
             new = [*drafts[:accepted], bonus]
-            _truncate(target_cache, N + accepted)  # keep rows 0..N−1+accepted
+            truncate(target_cache, N + accepted)  # keep rows 0..N−1+accepted
             if self.head is not None:
-                self.outs[0] = torch.cat([self.outs[0], hidden[: accepted + 1].to(self.draft_dtype)])
-                self.committed[0] = len(self.outs[0])
+                self.drafter.commit(features[: accepted + 1])
             result.verify_seconds += time.perf_counter() - t1
             result.draft_seconds += t1 - t0
             if self.k:

@@ -39,7 +39,8 @@ class DataConfig:
 class LossConfig:
     kind: str = "ce"  # ce | kl | tv (kl/tv distil from the target's own distribution)
     depth_weights: list[float] | None = None  # explicit per-depth weights (normalised)
-    depth_decay: float = 1.0  # else weight of depth k = decay^(k-1), normalised
+    depth_decay: float | None = None  # else weight of depth k = decay^(k-1), normalised; None: head's
+    # default (1.0; EAGLE-3: 0.8)
     scaling_factor: float = 1.0  # Megatron's --mtp-loss-scaling-factor
     chunk_size: int = 1024  # rows per logits chunk
 

@@ -28,14 +28,18 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] long
     loss_mask: torch.Tensor  # [B, T] bool (False on padding)
     hidden: torch.Tensor  # [B, T, H] float32: the target's final post-norm hidden states
+    features: torch.Tensor | None = None  # [B, T, n, H] float32: other layers a head reads (EAGLE-3)
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
 
-def collate(samples: list[Sample], max_seq_len: int, layer: int = -1) -> Batch:
-    """Right-pad samples (truncated to max_seq_len); `layer` picks the stored layer to use."""
+def collate(
+    samples: list[Sample], max_seq_len: int, layer: int = -1, feature_layers: list[int] | None = None
+) -> Batch:
+    """Right-pad samples (truncated to max_seq_len); `layer` picks the stored layer to use as
+    `hidden`, `feature_layers` (indices into the stored layers) those stacked into `features`."""
     lengths = [min(len(s.input_ids), max_seq_len) for s in samples]
     B, T = len(samples), max(lengths)
     H = samples[0].hidden_states.shape[-1]
@@ -46,7 +50,21 @@ def collate(samples: list[Sample], max_seq_len: int, layer: int = -1) -> Batch:
         ids[row, :n] = s.input_ids[:n]
         mask[row, :n] = s.loss_mask[:n]
         hidden[row, :n] = s.hidden_states[:n, layer].float()
-    return Batch(ids, mask, hidden)
+    features = None
+    if feature_layers is not None:
+        features = torch.zeros(B, T, len(feature_layers), H, dtype=torch.float32)
+        for row, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+            features[row, :n] = s.hidden_states[:n, feature_layers].float()
+    return Batch(ids, mask, hidden, features)
+
+
+def token_counts(batches_or_samples, vocab_size: int) -> torch.Tensor:
+    """Occurrences [V] of each token in loss-masked positions (what a draft vocabulary serves)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for item in batches_or_samples:
+        ids = item.input_ids[item.loss_mask.bool()]
+        counts += torch.bincount(ids.flatten(), minlength=vocab_size)[:vocab_size]
+    return counts
 
 
 def plan_batches(lengths: dict[int, int], seed: int, epoch: int, token_budget: int) -> list[list[int]]:
@@ -80,11 +98,19 @@ class StoreSource:
         eval_fraction: float,
         eval_max_samples: int,
         seed: int,
+        feature_layers: list[int] | None = None,
     ):
         if len(store) == 0:
             raise DataError(f"{store.root}: the store holds no samples; run `mtpkit collect` first")
         self.store, self.token_budget, self.max_seq_len, self.seed = store, token_budget, max_seq_len, seed
         self.layer = store.layers.index(store.manifest["model"]["num_layers"])
+        missing = [x for x in feature_layers or [] if x not in store.layers]
+        if missing:
+            raise DataError(
+                f"{store.root}: the head reads layers {feature_layers} but the store holds {store.layers}; "
+                f"collect with --layers {' '.join(map(str, sorted(set(feature_layers) | set(store.layers))))}"
+            )
+        self.features = None if feature_layers is None else [store.layers.index(x) for x in feature_layers]
         self.lengths = [min(n, max_seq_len) for n in store.sample_lengths()]
         order = list(range(len(store)))
         random.Random(seed).shuffle(order)
@@ -100,12 +126,18 @@ class StoreSource:
             self._plan = plan_batches(self.train_lengths, self.seed, self.epoch, self.token_budget)
         ids = self._plan[self.index]
         self.index += 1
-        return collate([self.store[i] for i in ids], self.max_seq_len, self.layer)
+        return self._collate(ids)
+
+    def _collate(self, ids: list[int]) -> Batch:
+        return collate([self.store[i] for i in ids], self.max_seq_len, self.layer, self.features)
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        return token_counts((self.store[i] for i in self.train_lengths), vocab_size)
 
     def eval_batches(self) -> list[Batch]:
         lengths = {i: self.lengths[i] for i in self.eval_indices}
         plan = plan_batches(lengths, self.seed, -1, self.token_budget) if lengths else []
-        return [collate([self.store[i] for i in ids], self.max_seq_len, self.layer) for ids in plan]
+        return [self._collate(ids) for ids in plan]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -122,7 +154,9 @@ class OnlineSource:
     unshuffled stream are held out for evaluation and never trained on.
     """
 
-    def __init__(self, target: Target, online, max_seq_len: int, seed: int):
+    def __init__(
+        self, target: Target, online, max_seq_len: int, seed: int, feature_layers: list[int] | None = None
+    ):
         if not online.prompts:
             raise DataError("data.online.prompts is empty: give prompt or corpus files")
         self.target, self.cfg, self.seed = target, online, seed
@@ -148,6 +182,7 @@ class OnlineSource:
             )
         self.eval_items, self.items = items[: online.eval_samples], items[online.eval_samples :]
         self.max_seq_len = max_seq_len
+        self.feature_layers = feature_layers
         self.epoch, self.index = 0, 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -163,12 +198,18 @@ class OnlineSource:
             seqs = [(ids, [True] * len(ids), src) for ids, src in items]
         if not seqs:
             raise DataError("every prompt of an online batch exceeded max_seq_len - max_new_tokens")
-        layer = self.target.num_layers
-        hidden = teacher_forced_hidden(self.target, [s[0] for s in seqs], [layer], torch.float32, 1 << 30)
+        final = self.target.num_layers
+        layers = [final] + [x for x in self.feature_layers or [] if x != final]
+        hidden = teacher_forced_hidden(self.target, [s[0] for s in seqs], layers, torch.float32, 1 << 30)
         samples = [
             Sample(torch.tensor(ids), torch.tensor(m), h) for (ids, m, _), h in zip(seqs, hidden, strict=True)
         ]
-        return collate(samples, self.max_seq_len)
+        features = None if self.feature_layers is None else [layers.index(x) for x in self.feature_layers]
+        return collate(samples, self.max_seq_len, 0, features)
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        # Online answers exist only once generated: count the held-out ones (they only pick a vocabulary).
+        return token_counts(self.eval_batches(), vocab_size)
 
     def next_batch(self) -> Batch:
         order = self._order(self.epoch)

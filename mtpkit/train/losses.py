@@ -39,18 +39,22 @@ def shifted_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, depth: int)
     return labels, valid
 
 
-def _chunk(hidden, weight, bias, labels, teacher_hidden, kind: str):
+def _chunk(hidden, weight, bias, labels, teacher_hidden, t_weight, t_bias, row_weight, kind: str):
     logits = F.linear(hidden, weight, bias).float()
     correct = logits.argmax(-1) == labels
     if kind == "ce":
-        return F.cross_entropy(logits, labels, reduction="sum"), correct
-    with torch.no_grad():
-        p = F.softmax(F.linear(teacher_hidden, weight, bias).float(), dim=-1)
-    logq = F.log_softmax(logits, dim=-1)
-    if kind == "kl":  # KL(p_target || q_head) = Σ p (log p − log q)
-        return F.kl_div(logq, p, reduction="sum"), correct
-    # Total variation: 1 − TV is the expected acceptance of one draft under rejection sampling.
-    return 0.5 * (p - logq.exp()).abs().sum(), correct
+        per_row = F.cross_entropy(logits, labels, reduction="none")
+    else:
+        with torch.no_grad():
+            p = F.softmax(F.linear(teacher_hidden, t_weight, t_bias).float(), dim=-1)
+        logq = F.log_softmax(logits, dim=-1)
+        if kind == "kl":  # KL(p_target || q_head) = Σ p (log p − log q)
+            per_row = F.kl_div(logq, p, reduction="none").sum(-1)
+        else:  # total variation: 1 − TV is the expected acceptance of one draft under rejection sampling
+            per_row = 0.5 * (p - logq.exp()).abs().sum(-1)
+    if row_weight is not None:
+        per_row = per_row * row_weight
+    return per_row.sum(), correct
 
 
 def lm_loss(
@@ -60,21 +64,38 @@ def lm_loss(
     kind: str = "ce",
     teacher_hidden: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    teacher_head: torch.nn.Module | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss over rows of `hidden` [N, H] and the per-row top-1 hit [N] (bool).
 
-    kind: `ce` against `labels`; `kl` / `tv` against softmax(lm_head(teacher_hidden)).
+    kind: `ce` against `labels`; `kl` / `tv` against softmax(teacher_head(teacher_hidden)), where
+    the teacher head defaults to `lm_head` (a reduced-vocabulary head passes the target's LM head
+    restricted to its vocabulary). `lm_head` / `teacher_head` need only `.weight` and `.bias`.
+    `row_weight` [N] scales each row's loss (diffusion schedule weights).
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
     if kind != "ce" and teacher_hidden is None:
         raise ValueError(f"loss kind {kind!r} needs the target's hidden states (teacher_hidden)")
+    t_head = teacher_head if teacher_head is not None else lm_head
     total = hidden.new_zeros((), dtype=torch.float32)
     hits = []
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         teacher = teacher_hidden[sl] if teacher_hidden is not None else None
-        args = (hidden[sl], lm_head.weight, lm_head.bias, labels[sl], teacher, kind)
+        weight = row_weight[sl] if row_weight is not None else None
+        args = (
+            hidden[sl],
+            lm_head.weight,
+            lm_head.bias,
+            labels[sl],
+            teacher,
+            t_head.weight,
+            t_head.bias,
+            weight,
+            kind,
+        )
         if torch.is_grad_enabled() and hidden.requires_grad:
             loss, hit = checkpoint(_chunk, *args, use_reentrant=False)
         else:

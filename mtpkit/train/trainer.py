@@ -40,27 +40,58 @@ class TrainingError(MtpkitError, RuntimeError):
 
 # ---------------------------------------------------------------------------- loss of one batch
 def batch_loss(head, batch: Batch, cfg: TrainConfig, weights: list[float], depths: int | None = None):
-    """Weighted per-depth loss of a batch, and per-depth stats (loss sum, count, hits [B, T])."""
-    outs = head.forward_train(batch.input_ids, batch.hidden, depths)
+    """Weighted per-depth loss of a batch, and per-depth stats (loss sum, count, hits [B, T]).
+
+    Depth k, row i predicts t_{i+k+1} for every head family. A head may add: `output_layers(k)`
+    (its own LM head and the teacher's, e.g. a reduced vocabulary), `draft_labels` (target ids →
+    its ids, and which it can produce: others are misses, kept out of the loss), and per-row loss
+    weights returned beside its outputs (diffusion: only masked positions, schedule-weighted).
+    """
+    inputs = batch.features if batch.features is not None else batch.hidden
+    outs = head.forward_train(batch.input_ids, inputs, depths)
+    outs, row_weights = outs if isinstance(outs, tuple) else (outs, None)
     total = batch.hidden.new_zeros(())
     stats = []
     for k, h in enumerate(outs, start=1):
         labels, valid = shifted_labels(batch.input_ids, batch.loss_mask, k)
+        student, teacher_head = (
+            head.output_layers(k) if hasattr(head, "output_layers") else (head.lm_head, None)
+        )
+        asked = valid if row_weights is None else valid & (row_weights[k - 1] > 0)
+        rows = asked
+        if hasattr(head, "draft_labels"):
+            labels, inside = head.draft_labels(labels)
+            rows = asked & inside
         teacher = None
         if cfg.loss.kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
             T = batch.hidden.shape[1]
             shifted = torch.zeros_like(batch.hidden)
             shifted[:, : T - k] = batch.hidden[:, k:]
-            teacher = shifted[valid]
+            teacher = shifted[rows]
         loss_sum, hit = lm_loss(
-            h[valid], labels[valid], head.lm_head, cfg.loss.kind, teacher, cfg.loss.chunk_size
+            h[rows],
+            labels[rows],
+            student,
+            cfg.loss.kind,
+            teacher,
+            cfg.loss.chunk_size,
+            teacher_head,
+            None if row_weights is None else row_weights[k - 1][rows],
         )
-        count = int(valid.sum())
+        loss_count = int(rows.sum())
         hits = torch.zeros_like(valid)
-        hits[valid] = hit
-        stats.append({"loss_sum": loss_sum.detach(), "count": count, "hits": hits, "valid": valid})
+        hits[rows] = hit
+        stats.append(
+            {
+                "loss_sum": loss_sum.detach(),
+                "count": int(asked.sum()),  # accuracy counts out-of-vocabulary labels as misses
+                "loss_count": loss_count,
+                "hits": hits,
+                "valid": valid,
+            }
+        )
         if k <= len(weights):
-            total = total + weights[k - 1] * loss_sum / max(count, 1)
+            total = total + weights[k - 1] * loss_sum / max(loss_count, 1)
     return total * cfg.loss.scaling_factor, stats
 
 
@@ -80,6 +111,7 @@ def add_depth_stats(sums: dict[str, float], stats: list[dict]) -> None:
     """Accumulate per-depth loss sums, top-1 hits and counts (from `batch_loss`) into `sums`."""
     for k, s in enumerate(stats, start=1):
         sums[f"loss_sum_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
+        sums[f"loss_count_d{k}"] = sums.get(f"loss_count_d{k}", 0.0) + s.get("loss_count", s["count"])
         sums[f"hits_d{k}"] = sums.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
         sums[f"count_d{k}"] = sums.get(f"count_d{k}", 0.0) + s["count"]
 
@@ -89,7 +121,7 @@ def depth_metrics(sums: dict[str, float], depths: int) -> dict[str, float]:
     metrics = {}
     for k in range(1, depths + 1):
         n = max(sums.get(f"count_d{k}", 0.0), 1.0)
-        metrics[f"loss_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) / n
+        metrics[f"loss_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) / max(sums.get(f"loss_count_d{k}", n), 1.0)
         metrics[f"acc_d{k}"] = sums.get(f"hits_d{k}", 0.0) / n
     return metrics
 
@@ -165,15 +197,17 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------------- setup
-def _source(cfg: TrainConfig, target: Target):
+def _source(cfg: TrainConfig, target: Target, feature_layers: list[int] | None = None):
     d = cfg.data
     if (d.store is None) == (d.online is None):
         raise TrainingError("set exactly one of data.store (offline) and data.online (online mode)")
     if d.online is not None:
-        return OnlineSource(target, d.online, d.max_seq_len, cfg.seed)
+        return OnlineSource(target, d.online, d.max_seq_len, cfg.seed, feature_layers)
     store = Store(d.store)
     check_store(store, target)
-    return StoreSource(store, d.token_budget, d.max_seq_len, d.eval_fraction, d.eval_max_samples, cfg.seed)
+    return StoreSource(
+        store, d.token_budget, d.max_seq_len, d.eval_fraction, d.eval_max_samples, cfg.seed, feature_layers
+    )
 
 
 def check_store(store: Store, target: Target) -> None:
@@ -212,14 +246,21 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
     target = target or load_target(_target_spec(cfg))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    source = _source(cfg, target)
     head = (
         load_head(head_dir(cfg.init_from), target)
         if cfg.init_from
         else build_head(target, cfg.head_type, cfg.head)
     )
+    source = _source(cfg, target, getattr(head, "feature_layers", None))
+    if hasattr(head, "init_vocab") and not cfg.init_from:  # a reduced vocabulary from the data's tokens
+        head.init_vocab(source.token_counts(target.vocab_size))
     head.train()
-    weights = depth_weights(head.cfg.train_depths, cfg.loss.depth_weights, cfg.loss.depth_decay)
+    decay = (
+        cfg.loss.depth_decay
+        if cfg.loss.depth_decay is not None
+        else getattr(head, "default_depth_decay", 1.0)
+    )
+    weights = depth_weights(head.cfg.train_depths, cfg.loss.depth_weights, decay)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay

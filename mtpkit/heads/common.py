@@ -1,0 +1,39 @@
+"""Small pieces every head family shares: attention masks for the target's attention classes,
+a frozen-module holder, and the `.weight` / `.bias` view the losses take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LinearView:
+    """What `lm_loss` needs of an LM head: a weight [V, H] and an optional bias [V]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def attention_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
+    """An explicit mask [B, 1, Q, K] from `allowed` (bool, True = attend) in the form the target's
+    attention implementation takes: boolean for SDPA, additive (0 / dtype min) for eager."""
+    if allowed.dim() == 2:
+        allowed = allowed[None, None]
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def causal_allowed(q_len: int, past: int, device=None) -> torch.Tensor:
+    """[Q, past + Q]: query row r (absolute position past + r) sees keys 0..past + r."""
+    rows = torch.arange(q_len, device=device)[:, None] + past
+    return torch.arange(past + q_len, device=device)[None, :] <= rows
+
+
+def init_from_target(module: torch.nn.Module, target) -> None:
+    """Initialise every submodule as the target family's fresh layers are initialised."""
+    for sub in module.modules():
+        target.model._init_weights(sub)
