@@ -86,15 +86,18 @@ def test_transformers_use_mtp_matches_plain_greedy_and_mtpkit_drafts(deepseek61,
     engine = SpeculativeDecoder(target, head, k=1, draft_dtype=torch.float32)
     mtpkit_drafts: list[list[int]] = []
     mtpkit_logits: list[torch.Tensor] = []
-    draft, pick = engine._draft, engine._pick
+    draft, pick = engine._draft, engine.drafter.pick
+
+    def recording_pick(logits):
+        mtpkit_logits.append(logits)
+        return pick(logits)
 
     def recording_draft(ids):
-        engine._pick = lambda logits: mtpkit_logits.append(logits) or pick(logits)
         tokens, probs = draft(ids)
-        engine._pick = pick
         mtpkit_drafts.append(tokens)
         return tokens, probs
 
+    monkeypatch.setattr(engine.drafter, "pick", recording_pick)
     monkeypatch.setattr(engine, "_draft", recording_draft)
     hf_drafts, hf_logits = _record_drafts(monkeypatch)
     for prompt in PROMPTS:

@@ -14,6 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtpkit.export.eagle3 import (
+    check_eagle3_export,
+    write_sglang_eagle3,
+    write_speculators,
+    write_vllm_eagle3,
+)
 from mtpkit.export.mtp import check_mtp_export, write_draft_dir, write_full_checkpoint
 from mtpkit.export.native import write_native
 from mtpkit.export.serve import serve_markdown
@@ -23,7 +29,7 @@ from mtpkit.export.source import PROVENANCE, ExportError, HeadSource, atomic_dir
 @dataclass(frozen=True)
 class Format:
     heads: tuple[str, ...] | None  # head families it represents exactly (None: every family)
-    write: Callable[[HeadSource, Path], None]
+    write: Callable[[HeadSource, Path, int], None]  # (head, temporary out dir, draft tokens per step)
     check: Callable[[HeadSource, str, int], None] | None = None
     engines: str = ""
 
@@ -39,6 +45,9 @@ FORMATS: dict[str, Format] = {
         check_mtp_export,
         "transformers generate(use_mtp=True); vLLM/SGLang target",
     ),
+    "vllm-eagle3": Format(("eagle3",), write_vllm_eagle3, check_eagle3_export, "vLLM method=eagle3"),
+    "sglang-eagle3": Format(("eagle3",), write_sglang_eagle3, check_eagle3_export, "SGLang EAGLE3"),
+    "speculators": Format(("eagle3",), write_speculators, check_eagle3_export, "vllm-project/speculators"),
     "native": Format(None, write_native, None, "mtpkit eval / train --init-from"),
 }
 
@@ -66,11 +75,11 @@ def export_head(
     """Export a native head (or run directory) to `fmt` in `out`; returns `out`."""
     src = open_head(head, model)
     cfg = src.head_config
-    k = k or cfg.get("train_depths") or cfg.get("num_depths") or 1
+    k = k or cfg.get("train_depths") or cfg.get("ttt_steps") or cfg.get("num_depths") or 1
     check_export(src, fmt, k)
 
     def write(tmp: Path) -> None:
-        FORMATS[fmt].write(src, tmp)
+        FORMATS[fmt].write(src, tmp, k)
         (tmp / "SERVE.md").write_text(serve_markdown(fmt, Path(out), src, k))
         provenance = {
             "format": fmt,

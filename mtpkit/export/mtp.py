@@ -155,7 +155,7 @@ def engine_config(src: HeadSource):
     return cfg
 
 
-def write_draft_dir(src: HeadSource, out: Path) -> None:
+def write_draft_dir(src: HeadSource, out: Path, k: int) -> None:
     """vllm-mtp / sglang-nextn: config.json, model.safetensors (MTP layers only), tokenizer."""
     save_file(mtp_tensors(src), str(out / SINGLE), {"format": "pt"})
     engine_config(src).save_pretrained(out)
@@ -169,7 +169,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def write_full_checkpoint(src: HeadSource, out: Path) -> None:
+def write_full_checkpoint(src: HeadSource, out: Path, k: int) -> None:
     """transformers: the target's checkpoint minus any old MTP layers, plus this head's layers."""
     L = src.num_layers
     base = src.model_dir

@@ -9,6 +9,6 @@ from mtpkit.export.source import HeadSource
 from mtpkit.heads import HEAD_CONFIG, HEAD_WEIGHTS
 
 
-def write_native(src: HeadSource, out: Path) -> None:
+def write_native(src: HeadSource, out: Path, k: int) -> None:
     for name in (HEAD_CONFIG, HEAD_WEIGHTS):
         shutil.copy2(src.path / name, out / name)

@@ -97,6 +97,25 @@ def serve_markdown(fmt: str, out: Path, src: HeadSource, k: int) -> str:
         ]
         if cfg["num_depths"] == 1:
             lines.append(_block("bash", _sglang(out_q, k, "NEXTN", None)))
+    elif fmt in ("vllm-eagle3", "speculators"):
+        lines += [
+            "## vLLM (0.33 `llama_eagle3.py`"
+            + (", speculators config" if fmt == "speculators" else "")
+            + ")\n",
+            _block(
+                "bash",
+                f"vllm serve {target} \\\n  --speculative-config "
+                + _spec_config(method="eagle3", model=str(out.resolve()), num_speculative_tokens=k),
+            ),
+            "Aux layers (vLLM numbering): "
+            f"`{cfg['layers']}`; draft vocabulary {src.state['lm_head.weight'].shape[0]} tokens (d2t).\n",
+        ]
+    elif fmt == "sglang-eagle3":
+        lines += [
+            "## SGLang (0.5.x `llama_eagle3.py`)\n",
+            _block("bash", _sglang(target, k, "EAGLE3", out_q)),
+            f"Aux layers (SGLang numbering, one less than vLLM's): `{[i - 1 for i in cfg['layers']]}`.\n",
+        ]
     elif fmt == "native":
         lines += [
             "## mtpkit\n",
