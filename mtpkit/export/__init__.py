@@ -20,6 +20,7 @@ from mtpkit.export.eagle3 import (
     write_speculators,
     write_vllm_eagle3,
 )
+from mtpkit.export.medusa import check_medusa_export, write_vllm_medusa
 from mtpkit.export.mtp import check_mtp_export, write_draft_dir, write_full_checkpoint
 from mtpkit.export.native import write_native
 from mtpkit.export.serve import serve_markdown
@@ -48,6 +49,7 @@ FORMATS: dict[str, Format] = {
     "vllm-eagle3": Format(("eagle3",), write_vllm_eagle3, check_eagle3_export, "vLLM method=eagle3"),
     "sglang-eagle3": Format(("eagle3",), write_sglang_eagle3, check_eagle3_export, "SGLang EAGLE3"),
     "speculators": Format(("eagle3",), write_speculators, check_eagle3_export, "vllm-project/speculators"),
+    "vllm-medusa": Format(("medusa",), write_vllm_medusa, check_medusa_export, "vLLM <= 0.32 method=medusa"),
     "native": Format(None, write_native, None, "mtpkit eval / train --init-from"),
 }
 
@@ -75,7 +77,14 @@ def export_head(
     """Export a native head (or run directory) to `fmt` in `out`; returns `out`."""
     src = open_head(head, model)
     cfg = src.head_config
-    k = k or cfg.get("train_depths") or cfg.get("ttt_steps") or cfg.get("num_depths") or 1
+    k = (
+        k
+        or cfg.get("train_depths")
+        or cfg.get("ttt_steps")
+        or cfg.get("num_heads")
+        or cfg.get("num_depths")
+        or 1
+    )
     check_export(src, fmt, k)
 
     def write(tmp: Path) -> None:

@@ -20,6 +20,10 @@ def _target(src: HeadSource) -> str:
     return shlex.quote(str(path.resolve())) if path is not None else src.target_spec
 
 
+def _vllm(target: str, **spec) -> str:
+    return f"vllm serve {target} \\\n  --speculative-config {_spec_config(**spec)}"
+
+
 def _sglang(target: str, k: int, algorithm: str, draft: str | None, topk: int = 1) -> str:
     draft_flag = f" \\\n  --speculative-draft-model-path {draft}" if draft else ""
     return (
@@ -51,11 +55,7 @@ def serve_markdown(fmt: str, out: Path, src: HeadSource, k: int) -> str:
     if fmt == "vllm-mtp":
         lines += [
             "## vLLM (≥ 0.10; checked against 0.33 `deepseek_mtp.py`)\n",
-            _block(
-                "bash",
-                f"vllm serve {target} \\\n  --speculative-config "
-                + _spec_config(method="mtp", model=str(out.resolve()), num_speculative_tokens=k),
-            ),
+            _block("bash", _vllm(target, method="mtp", model=str(out.resolve()), num_speculative_tokens=k)),
             "vLLM replaces the draft's embedding and LM head with the target's; the MTP layers are "
             "used cyclically when num_speculative_tokens exceeds num_nextn_predict_layers.\n",
         ]
@@ -89,11 +89,7 @@ def serve_markdown(fmt: str, out: Path, src: HeadSource, k: int) -> str:
             ),
             f"transformers drafts one token per MTP layer ({cfg['num_depths']} per step here).\n",
             "## vLLM / SGLang: the directory is a target with built-in MTP\n",
-            _block(
-                "bash",
-                f"vllm serve {out_q} \\\n  --speculative-config "
-                + _spec_config(method="mtp", num_speculative_tokens=k),
-            ),
+            _block("bash", _vllm(out_q, method="mtp", num_speculative_tokens=k)),
         ]
         if cfg["num_depths"] == 1:
             lines.append(_block("bash", _sglang(out_q, k, "NEXTN", None)))
@@ -103,9 +99,7 @@ def serve_markdown(fmt: str, out: Path, src: HeadSource, k: int) -> str:
             + (", speculators config" if fmt == "speculators" else "")
             + ")\n",
             _block(
-                "bash",
-                f"vllm serve {target} \\\n  --speculative-config "
-                + _spec_config(method="eagle3", model=str(out.resolve()), num_speculative_tokens=k),
+                "bash", _vllm(target, method="eagle3", model=str(out.resolve()), num_speculative_tokens=k)
             ),
             "Aux layers (vLLM numbering): "
             f"`{cfg['layers']}`; draft vocabulary {src.state['lm_head.weight'].shape[0]} tokens (d2t).\n",
@@ -115,6 +109,13 @@ def serve_markdown(fmt: str, out: Path, src: HeadSource, k: int) -> str:
             "## SGLang (0.5.x `llama_eagle3.py`)\n",
             _block("bash", _sglang(target, k, "EAGLE3", out_q)),
             f"Aux layers (SGLang numbering, one less than vLLM's): `{[i - 1 for i in cfg['layers']]}`.\n",
+        ]
+    elif fmt == "vllm-medusa":
+        lines += [
+            "## vLLM (≤ 0.32; MedusaModel was removed in 0.33)\n",
+            _block(
+                "bash", _vllm(target, method="medusa", model=str(out.resolve()), num_speculative_tokens=k)
+            ),
         ]
     elif fmt == "native":
         lines += [

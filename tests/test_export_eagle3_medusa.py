@@ -1,4 +1,4 @@
-"""EAGLE-3 exports: vllm-eagle3, sglang-eagle3, speculators — contracts restated from the loaders.
+"""EAGLE-3 and Medusa exports: vllm-eagle3, sglang-eagle3, speculators, vllm-medusa — loader contracts.
 
 - vLLM 0.33 `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM.load_weights`
   skips `t2d`, renames `d2t` → `draft_id_to_target_id`, prefixes `model.` to everything but
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtpkit.export import ExportError, export_head
@@ -139,4 +139,49 @@ def test_eagle3_refusals(llama5, tiny_llama, tmp_path):
         "norm_before_residual"
     ]
     with pytest.raises(ExportError, match="cannot represent a 'eagle3' head"):
+        export_head(path, "vllm-mtp", tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- Medusa
+def _synthetic_medusa(tmp_path, target, own_lm_head: bool):
+    """A native Medusa head directory with the documented key names (blocks.*, lm_heads.*)."""
+    H, V = target.hidden_size, target.vocab_size
+    g = torch.Generator().manual_seed(0)
+    state = {
+        f"blocks.{h}.layers.0.{p}": torch.randn(*s, generator=g)
+        for h in range(3)
+        for p, s in (("weight", (H, H)), ("bias", (H,)))
+    }
+    if own_lm_head:
+        state |= {f"lm_heads.{h}.weight": torch.randn(V, H, generator=g) for h in range(3)}
+    path = tmp_path / f"medusa-{own_lm_head}"
+    path.mkdir()
+    save_file(state, str(path / "model.safetensors"))
+    config = {"num_heads": 3, "num_layers": 1, "own_lm_head": own_lm_head, "bias": True}
+    meta = {"head_type": "medusa", "head_config": config, "target": target.identity(), "mtpkit_format": 1}
+    (path / "config.json").write_text(json.dumps(meta))
+    return path, state
+
+
+@pytest.mark.parametrize("own_lm_head", [True, False])
+def test_vllm_medusa_layout(tiny_llama, tmp_path, own_lm_head):
+    """vLLM 0.32 `vllm/model_executor/models/medusa.py` (MedusaModel / Medusa.load_weights):
+    `blocks.{h}.layers.{l}.weight/.bias`, `lm_heads.{h}.weight`, config num_heads /
+    num_hidden_layers / truncated_vocab_size / medusa_fc_bias / original_lm_head / logit_scale."""
+    path, state = _synthetic_medusa(tmp_path, tiny_llama, own_lm_head)
+    out = export_head(path, "vllm-medusa", tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "medusa" and config["architectures"] == ["MedusaModel"]
+    assert config["num_heads"] == 3 and config["num_hidden_layers"] == 1 and config["medusa_fc_bias"] is True
+    assert config["truncated_vocab_size"] == config["vocab_size"] == tiny_llama.vocab_size
+    tensors = load_file(str(out / "model.safetensors"))
+    expected = {f"blocks.{h}.layers.0.{p}" for h in range(3) for p in ("weight", "bias")}
+    assert set(tensors) == expected | {f"lm_heads.{h}.weight" for h in range(3)}
+    assert all(torch.equal(tensors[k], v) for k, v in state.items())
+    if not own_lm_head:  # the target's LM head in every head: exact whatever original_lm_head does
+        assert all(torch.equal(tensors[f"lm_heads.{h}.weight"], tiny_llama.lm_head.weight) for h in range(3))
+    assert '"method": "medusa"' in (out / "SERVE.md").read_text()
+    with pytest.raises(ExportError, match="-k 4 needs 4 Medusa heads"):
+        export_head(path, "vllm-medusa", tmp_path / "x", k=4)
+    with pytest.raises(ExportError, match="cannot represent a 'medusa' head.*vllm-medusa, native"):
         export_head(path, "vllm-mtp", tmp_path / "x")
