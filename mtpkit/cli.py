@@ -102,6 +102,9 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
+    p.add_argument(
+        "--init-from", dest="init_from", help="start from this head or run directory (init_from=...)"
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -112,6 +115,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     overrides += [f"head_type={args.head}"] if args.head else []
+    overrides += [f"init_from={args.init_from}"] if args.init_from else []
     cfg = load_config(TrainConfig, args.config, overrides)
     result = train(cfg, resume=args.resume)
     print(f"head: {result['head']}  (step {result['step']}, {result['tokens_seen']} tokens)")
@@ -201,6 +205,63 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    from mtpkit.export import FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained head in a format vLLM / SGLang / transformers load",
+        description="Export a head (or a run directory's head) to a serving format, with SERVE.md giving the "
+        "exact engine command lines. Head/format pairs a format cannot represent exactly are refused. Formats: "
+        + "; ".join(f"{name} ({f.engines})" for name, f in FORMATS.items()),
+    )
+    p.add_argument("--head", required=True, help="head directory, or a training run directory")
+    p.add_argument("--format", required=True, choices=list(FORMATS))
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--model", help="target spec (default: the one the head was trained for)")
+    p.add_argument("-k", type=int, help="draft tokens per step in SERVE.md (default: the trained depths)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from mtpkit.export import export_head
+
+    out = export_head(args.head, args.format, args.out, model=args.model, k=args.k)
+    print(f"wrote {out} ({args.format}); serve it with the commands in {out / 'SERVE.md'}")
+    return 0
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser(
+        "import-mtp",
+        help="extract the MTP layers of a DeepSeek-V3-style checkpoint into an mtpkit head",
+        description="Stream the MTP layers (indices >= num_hidden_layers) out of a sharded safetensors "
+        "checkpoint (FP8 block-quantised weights are dequantised to bf16) into a native head directory that "
+        "`mtpkit train --init-from` fine-tunes and `mtpkit eval` measures.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="head directory to write")
+    p.add_argument(
+        "--target",
+        help="target spec the head runs on (default: the checkpoint, or the one an export records)",
+    )
+    p.add_argument(
+        "--extract-only",
+        dest="extract_only",
+        action="store_true",
+        help="only copy the MTP layers with the checkpoint's key names (config.json + model.safetensors)",
+    )
+    p.set_defaults(func=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from mtpkit.export.import_mtp import import_mtp
+
+    summary = import_mtp(args.model, args.out, target=args.target, extract_only=args.extract_only)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpkit", description="Multi-token-prediction draft heads for frozen LLMs."
@@ -211,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
+    _export_parser(sub)
+    _import_parser(sub)
     return parser
 
 

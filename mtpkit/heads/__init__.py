@@ -109,7 +109,7 @@ def check_target(meta: dict, target: Target, where: str) -> None:
             f"{where}: head was trained for {trained.get('model_id')!r}, not {here.get('model_id')!r} — "
             + "; ".join(diffs)
         )
-    if trained.get("weights_hash") != here.get("weights_hash"):
+    if trained.get("weights_hash") not in (None, here.get("weights_hash")):  # None: imported, unknown
         log.warning(
             "%s: target weights differ from those the head was trained on; acceptance may drop", where
         )

@@ -40,6 +40,9 @@ _VOLATILE_CONFIG_KEYS = {
     "quantization_config",
     "architectures",
     "use_cache",
+    # How many MTP layers the checkpoint carries beyond the decoder: not the target network
+    # (exporting a head rewrites it); the decoder layers are num_hidden_layers.
+    "num_nextn_predict_layers",
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -25,6 +25,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, load_head, save_head
 from mtpkit.models import Target, load_target
 from mtpkit.models.loader import identity_differences
+from mtpkit.spec.evaluate import head_dir
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
@@ -245,7 +246,11 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
     target = target or load_target(_target_spec(cfg))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    head = load_head(cfg.init_from, target) if cfg.init_from else build_head(target, cfg.head_type, cfg.head)
+    head = (
+        load_head(head_dir(cfg.init_from), target)
+        if cfg.init_from
+        else build_head(target, cfg.head_type, cfg.head)
+    )
     source = _source(cfg, target, getattr(head, "feature_layers", None))
     if hasattr(head, "init_vocab") and not cfg.init_from:  # a reduced vocabulary from the data's tokens
         head.init_vocab(source.token_counts(target.vocab_size))

@@ -1,0 +1,106 @@
+"""`mtpkit export` / `mtpkit import-mtp`: heads in the formats serving engines load, and back.
+
+`export_head(head, fmt, out)` reads a native head (or a run directory), refuses any head/format
+pair the format cannot represent exactly (with what would work instead), writes the format into
+a temporary directory with SERVE.md (exact engine command lines) and `mtpkit_export.json`
+(provenance, read back by import), and renames it into place: `out` appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtpkit.export.eagle3 import (
+    check_eagle3_export,
+    write_sglang_eagle3,
+    write_speculators,
+    write_vllm_eagle3,
+)
+from mtpkit.export.medusa import check_medusa_export, write_vllm_medusa
+from mtpkit.export.mtp import check_mtp_export, write_draft_dir, write_full_checkpoint
+from mtpkit.export.native import write_native
+from mtpkit.export.serve import serve_markdown
+from mtpkit.export.source import PROVENANCE, ExportError, HeadSource, atomic_dir, open_head
+
+
+@dataclass(frozen=True)
+class Format:
+    heads: tuple[str, ...] | None  # head families it represents exactly (None: every family)
+    write: Callable[[HeadSource, Path, int], None]  # (head, temporary out dir, draft tokens per step)
+    check: Callable[[HeadSource, str, int], None] | None = None
+    engines: str = ""
+
+
+FORMATS: dict[str, Format] = {
+    "vllm-mtp": Format(("mtp",), write_draft_dir, check_mtp_export, "vLLM --speculative-config method=mtp"),
+    "sglang-nextn": Format(
+        ("mtp",), write_draft_dir, check_mtp_export, "SGLang --speculative-algorithm NEXTN"
+    ),
+    "transformers": Format(
+        ("mtp",),
+        write_full_checkpoint,
+        check_mtp_export,
+        "transformers generate(use_mtp=True); vLLM/SGLang target",
+    ),
+    "vllm-eagle3": Format(("eagle3",), write_vllm_eagle3, check_eagle3_export, "vLLM method=eagle3"),
+    "sglang-eagle3": Format(("eagle3",), write_sglang_eagle3, check_eagle3_export, "SGLang EAGLE3"),
+    "speculators": Format(("eagle3",), write_speculators, check_eagle3_export, "vllm-project/speculators"),
+    "vllm-medusa": Format(("medusa",), write_vllm_medusa, check_medusa_export, "vLLM <= 0.32 method=medusa"),
+    "native": Format(None, write_native, None, "mtpkit eval / train --init-from"),
+}
+
+
+def formats_for(head_type: str) -> list[str]:
+    return [name for name, f in FORMATS.items() if f.heads is None or head_type in f.heads]
+
+
+def check_export(src: HeadSource, fmt: str, k: int) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; available: {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    if spec.heads is not None and src.head_type not in spec.heads:
+        raise ExportError(
+            f"{fmt} cannot represent a {src.head_type!r} head exactly; formats for it: "
+            f"{', '.join(formats_for(src.head_type))}"
+        )
+    if spec.check:
+        spec.check(src, fmt, k)
+
+
+def export_head(
+    head: str | os.PathLike, fmt: str, out: str | os.PathLike, model: str | None = None, k=None
+) -> Path:
+    """Export a native head (or run directory) to `fmt` in `out`; returns `out`."""
+    src = open_head(head, model)
+    cfg = src.head_config
+    k = (
+        k
+        or cfg.get("train_depths")
+        or cfg.get("ttt_steps")
+        or cfg.get("num_heads")
+        or cfg.get("num_depths")
+        or 1
+    )
+    check_export(src, fmt, k)
+
+    def write(tmp: Path) -> None:
+        FORMATS[fmt].write(src, tmp, k)
+        (tmp / "SERVE.md").write_text(serve_markdown(fmt, Path(out), src, k))
+        provenance = {
+            "format": fmt,
+            "head": str(src.path.resolve()),
+            "head_type": src.head_type,
+            "head_config": cfg,
+            "target": src.meta.get("target", {}),
+            "num_speculative_tokens": k,
+        }
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+    return atomic_dir(Path(out), write)
+
+
+__all__ = ["FORMATS", "ExportError", "export_head", "formats_for", "open_head"]

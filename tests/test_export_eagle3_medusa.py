@@ -1,0 +1,187 @@
+"""EAGLE-3 and Medusa exports: vllm-eagle3, sglang-eagle3, speculators, vllm-medusa — loader contracts.
+
+- vLLM 0.33 `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM.load_weights`
+  skips `t2d`, renames `d2t` → `draft_id_to_target_id`, prefixes `model.` to everything but
+  `lm_head`; `LlamaModel.load_weights` renames `midlayer.` → `layers.0.` and stacks q/k/v and
+  gate/up; `fc` input is 3 x target_hidden_size; q/k/v input 2 x hidden_size; `attention_bias`
+  covers q/k/v/o alike; `norm_before_residual` read from the config.
+- SGLang 0.5 `python/sglang/srt/models/llama_eagle3.py`: `LlamaForCausalLMEagle3`, needs
+  `draft_vocab_size`, `eagle_config.eagle_aux_hidden_state_layer_ids` (captures hidden state
+  v + 1), hot_token_id = d2t + arange.
+- speculators `src/speculators/config.py`: `speculators_model_type`, `speculators_config`
+  (proposal_methods, default_proposal_method, verifier), `transformer_layer_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mtpkit.export import ExportError, export_head
+from mtpkit.heads import build_head, save_head
+from mtpkit.models import load_target
+from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
+
+LAYERS = [1, 2, 3]  # HF hidden_states ids, inside a 5-layer target
+
+
+@pytest.fixture(scope="module")
+def llama5(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama5")
+    fields = dict(TINY_CONFIGS["llama"], num_hidden_layers=5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    model.save_pretrained(root / "target")
+    tiny_tokenizer().save_pretrained(root / "target")
+    target = load_target(str(root / "target"))
+    torch.manual_seed(0)
+    head = build_head(target, "eagle3", {"layers": LAYERS, "draft_vocab_size": 64})
+    head.init_vocab(torch.randint(0, 50, (target.vocab_size,)))  # a non-trivial d2t
+    return target, head, save_head(head, root / "head", target)
+
+
+def vllm_eagle3_param(name: str) -> str | None:
+    if "t2d" in name:
+        return None
+    if "d2t" in name:
+        return "draft_id_to_target_id"
+    name = name if "lm_head" in name else "model." + name
+    return name.replace("midlayer.", "layers.0.")
+
+
+def vllm_eagle3_params(hidden: int) -> set[str]:
+    p = "model.layers.0."
+    names = {"model.fc.weight", "model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"}
+    names |= {"draft_id_to_target_id"}
+    names |= {p + n + ".weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")}
+    names |= {f"{p}self_attn.{n}_proj.weight" for n in "qkvo"}  # q/k/v stacked into qkv_proj on load
+    names |= {f"{p}mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+    return names
+
+
+def test_vllm_eagle3(llama5, tmp_path):
+    target, head, path = llama5
+    out = export_head(path, "vllm-eagle3", tmp_path / "v", k=4)
+    config = json.loads((out / "config.json").read_text())
+    tensors = load_file(str(out / "model.safetensors"))
+    H = target.hidden_size
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["num_hidden_layers"] == 1
+    assert config["draft_vocab_size"] == 64 and config["target_hidden_size"] == H
+    assert config["norm_before_residual"] is False  # written explicitly
+    assert config["eagle_aux_hidden_state_layer_ids"] == LAYERS
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == LAYERS
+    assert not config.get("attention_bias")  # no biases: matches the bias-free tensors
+    assert {vllm_eagle3_param(k) for k in tensors} - {None} == vllm_eagle3_params(H)
+    assert tensors["fc.weight"].shape == (H, 3 * H)
+    assert tensors["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * H
+    assert tensors["lm_head.weight"].shape == (64, H)
+    assert torch.equal(tensors["embed_tokens.weight"], target.embed_tokens.weight)
+    state = head.state_dict()
+    assert all(torch.equal(tensors[k], v) for k, v in state.items())  # exact, names unchanged
+    # d2t: draft id d means target id d + d2t[d] — the draft vocabulary's target ids.
+    draft_ids = torch.arange(64) + tensors["d2t"]
+    assert torch.equal(draft_ids, torch.nonzero(head.t2d).flatten())
+    assert '"method": "eagle3"' in (out / "SERVE.md").read_text()
+
+
+def test_sglang_eagle3_shifts_layer_ids(llama5, tmp_path):
+    _, _, path = llama5
+    out = export_head(path, "sglang-eagle3", tmp_path / "s", k=3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["eagle_config"] == {
+        "eagle_aux_hidden_state_layer_ids": [0, 1, 2],
+        "use_aux_hidden_state": True,
+    }
+    assert "eagle_aux_hidden_state_layer_ids" not in config  # SGLang reads only the nested form
+    serve = (out / "SERVE.md").read_text()
+    assert "--speculative-algorithm EAGLE3" in serve and "--speculative-num-draft-tokens 4" in serve
+
+
+def test_speculators_config(llama5, tmp_path):
+    target, _, path = llama5
+    out = export_head(path, "speculators", tmp_path / "sp", k=3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3"
+    spec = config["speculators_config"]
+    assert (
+        spec["proposal_methods"][0]["speculative_tokens"] == 3 and spec["default_proposal_method"] == "greedy"
+    )
+    assert spec["verifier"]["name_or_path"] == str(Path(target.name).resolve())
+    assert spec["verifier"]["architectures"] == ["LlamaForCausalLM"]
+    assert config["transformer_layer_config"]["num_hidden_layers"] == 1
+    assert config["eagle_aux_hidden_state_layer_ids"] == LAYERS and config["norm_before_residual"] is False
+
+
+def test_eagle3_refusals(llama5, tiny_llama, tmp_path):
+    target, _, path = llama5
+    default = save_head(
+        build_head(tiny_llama, "eagle3", {"draft_vocab_size": 32}), tmp_path / "d", tiny_llama
+    )
+    with pytest.raises(ExportError, match=r"aux layers \[0, 1, 2\].*ids 1\.\.1"):
+        export_head(default, "vllm-eagle3", tmp_path / "x")
+    two = save_head(
+        build_head(target, "eagle3", {"layers": [1, 3], "draft_vocab_size": 32}), tmp_path / "t", target
+    )
+    with pytest.raises(ExportError, match="exactly 3 target layers"):
+        export_head(two, "speculators", tmp_path / "x")
+    nbr = build_head(
+        target, "eagle3", {"layers": LAYERS, "draft_vocab_size": 32, "norm_before_residual": True}
+    )
+    nbr_path = save_head(nbr, tmp_path / "nbr", target)
+    with pytest.raises(ExportError, match="only norm_before_residual=false"):
+        export_head(nbr_path, "sglang-eagle3", tmp_path / "x")
+    assert json.loads((export_head(nbr_path, "vllm-eagle3", tmp_path / "ok") / "config.json").read_text())[
+        "norm_before_residual"
+    ]
+    with pytest.raises(ExportError, match="cannot represent a 'eagle3' head"):
+        export_head(path, "vllm-mtp", tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- Medusa
+def _synthetic_medusa(tmp_path, target, own_lm_head: bool):
+    """A native Medusa head directory with the documented key names (blocks.*, lm_heads.*)."""
+    H, V = target.hidden_size, target.vocab_size
+    g = torch.Generator().manual_seed(0)
+    state = {
+        f"blocks.{h}.layers.0.{p}": torch.randn(*s, generator=g)
+        for h in range(3)
+        for p, s in (("weight", (H, H)), ("bias", (H,)))
+    }
+    if own_lm_head:
+        state |= {f"lm_heads.{h}.weight": torch.randn(V, H, generator=g) for h in range(3)}
+    path = tmp_path / f"medusa-{own_lm_head}"
+    path.mkdir()
+    save_file(state, str(path / "model.safetensors"))
+    config = {"num_heads": 3, "num_layers": 1, "own_lm_head": own_lm_head, "bias": True}
+    meta = {"head_type": "medusa", "head_config": config, "target": target.identity(), "mtpkit_format": 1}
+    (path / "config.json").write_text(json.dumps(meta))
+    return path, state
+
+
+@pytest.mark.parametrize("own_lm_head", [True, False])
+def test_vllm_medusa_layout(tiny_llama, tmp_path, own_lm_head):
+    """vLLM 0.32 `vllm/model_executor/models/medusa.py` (MedusaModel / Medusa.load_weights):
+    `blocks.{h}.layers.{l}.weight/.bias`, `lm_heads.{h}.weight`, config num_heads /
+    num_hidden_layers / truncated_vocab_size / medusa_fc_bias / original_lm_head / logit_scale."""
+    path, state = _synthetic_medusa(tmp_path, tiny_llama, own_lm_head)
+    out = export_head(path, "vllm-medusa", tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "medusa" and config["architectures"] == ["MedusaModel"]
+    assert config["num_heads"] == 3 and config["num_hidden_layers"] == 1 and config["medusa_fc_bias"] is True
+    assert config["truncated_vocab_size"] == config["vocab_size"] == tiny_llama.vocab_size
+    tensors = load_file(str(out / "model.safetensors"))
+    expected = {f"blocks.{h}.layers.0.{p}" for h in range(3) for p in ("weight", "bias")}
+    assert set(tensors) == expected | {f"lm_heads.{h}.weight" for h in range(3)}
+    assert all(torch.equal(tensors[k], v) for k, v in state.items())
+    if not own_lm_head:  # the target's LM head in every head: exact whatever original_lm_head does
+        assert all(torch.equal(tensors[f"lm_heads.{h}.weight"], tiny_llama.lm_head.weight) for h in range(3))
+    assert '"method": "medusa"' in (out / "SERVE.md").read_text()
+    with pytest.raises(ExportError, match="-k 4 needs 4 Medusa heads"):
+        export_head(path, "vllm-medusa", tmp_path / "x", k=4)
+    with pytest.raises(ExportError, match="cannot represent a 'medusa' head.*vllm-medusa, native"):
+        export_head(path, "vllm-mtp", tmp_path / "x")
