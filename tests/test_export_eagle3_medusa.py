@@ -185,3 +185,28 @@ def test_vllm_medusa_layout(tiny_llama, tmp_path, own_lm_head):
         export_head(path, "vllm-medusa", tmp_path / "x", k=4)
     with pytest.raises(ExportError, match="cannot represent a 'medusa' head.*vllm-medusa, native"):
         export_head(path, "vllm-mtp", tmp_path / "x")
+
+
+@pytest.mark.parametrize("own_lm_head", [True, False])
+def test_vllm_medusa_from_a_real_head(tiny_llama, tmp_path, own_lm_head):
+    """The exporter on a head built by heads/medusa.py (not a synthetic state dict): every tensor
+    lands under vLLM's name, unchanged, and vLLM's MedusaModel forward on the exported tensors
+    (x + SiLU(Linear(x)) per layer, then lm_heads.{h}) gives mtpkit's logits."""
+    torch.manual_seed(0)
+    head = build_head(tiny_llama, "medusa", {"num_heads": 2, "num_layers": 2, "own_lm_head": own_lm_head})
+    with torch.no_grad():  # leave the identity initialisation so the blocks matter
+        for p in head.blocks.parameters():
+            p.normal_(0, 0.05)
+    out = export_head(save_head(head, tmp_path / "head", tiny_llama), "vllm-medusa", tmp_path / "out")
+    tensors = load_file(str(out / "model.safetensors"))
+    for name, t in head.state_dict().items():
+        assert torch.equal(tensors[name], t), name
+    x = torch.randn(5, tiny_llama.hidden_size)
+    for h in range(2):
+        y = x
+        for layer in range(2):
+            w, b = tensors[f"blocks.{h}.layers.{layer}.weight"], tensors[f"blocks.{h}.layers.{layer}.bias"]
+            y = y + torch.nn.functional.silu(y @ w.T + b)
+        vllm_logits = y @ tensors[f"lm_heads.{h}.weight"].T
+        student, _ = head.output_layers(h + 1)
+        torch.testing.assert_close(vllm_logits, student(head.forward_train(None, x[None], 2)[h][0]))
