@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mtpkit.config import build_config
+from mtpkit.convert.command import add_convert_parser
 from mtpkit.errors import MtpkitError
 
 # Errors that carry a message meant for the user: printed without a traceback (-v shows it).
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 

@@ -1,29 +1,11 @@
-"""Checkpoint conversion: Hugging Face ⇄ Megatron-core per-rank (TP / PP / EP) layouts, LoRA merges."""
+"""Checkpoint conversion: Hugging Face ⇄ Megatron-core per-rank (TP / PP / EP) layouts, LoRA merges.
 
-from mtpkit.convert.layout import ConvertError, Layout, ModelSpec, build_plan, model_spec
-from mtpkit.convert.lora import LoraAdapter
-from mtpkit.convert.reshard import (
-    HFSource,
-    MegatronSource,
-    hf_to_hf,
-    hf_to_sharded,
-    inspect_sharded,
-    sharded_to_hf,
-    sharded_to_sharded,
-)
+    layout.py    model shapes, the parallel layout, names and split rules of every tensor
+    hf.py        memory-mapped safetensors reading, shard-by-shard writing
+    megatron.py  the per-rank directory layout (iter_*/mp_rank_*/model_optim_rng.pt)
+    dcp.py       torch.distributed.checkpoint directories (mtpkit's own sharded format)
+    lora.py      peft adapters: read, merge, export
+    reshard.py   the conversions; command.py the `mtpkit convert` flags
 
-__all__ = [
-    "ConvertError",
-    "HFSource",
-    "Layout",
-    "LoraAdapter",
-    "MegatronSource",
-    "ModelSpec",
-    "build_plan",
-    "hf_to_hf",
-    "hf_to_sharded",
-    "inspect_sharded",
-    "model_spec",
-    "sharded_to_hf",
-    "sharded_to_sharded",
-]
+Nothing is imported here, so `mtpkit --help` does not load torch.
+"""

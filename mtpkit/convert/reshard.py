@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mtpkit.convert.dcp import DCPSource, is_dcp, write_dcp
 from mtpkit.convert.hf import HFReader, HFWriter, copy_non_weights, owned
 from mtpkit.convert.layout import (
     ConvertError,
@@ -142,6 +143,7 @@ def inspect_sharded(
     hf_config: str | Path | None = None,
     iteration: int | None = None,
     allow_pickle: bool = False,
+    first_k_dense: int | None = None,
 ) -> ShardedInfo:
     """Read the layout of a per-rank checkpoint: mtpkit's metadata if present, else flags + inference."""
     root = Path(root)
@@ -162,6 +164,8 @@ def inspect_sharded(
         raise ConvertError(
             f"{root}: no {META} (not written by mtpkit); pass --hf-config with the model's config.json"
         )
+    if first_k_dense is not None:
+        config = dict(config, first_k_dense_replace=first_k_dense)
     spec = model_spec(config, "hf config")
     found = rank_dirs(iter_path)
     fields = dict(meta.get("layout", {}))
@@ -230,6 +234,7 @@ class MegatronSource:
         self._allow_pickle = allow_pickle
         self._files: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
         self.mtp_num_layers = info.layout.mtp_num_layers
+        self.hf_meta, self.iteration = info.hf_meta, info.iteration
 
     def _rank(self, tp: int, stage: int, ep: int) -> dict[str, torch.Tensor]:
         if (tp, stage, ep) not in self._files:
@@ -380,6 +385,21 @@ class Result:
     tensors: int
 
 
+def _check_format(fmt: str, layout: Layout) -> None:
+    if fmt not in ("megatron", "dcp"):
+        raise ConvertError(f"--format {fmt!r}: choose megatron or dcp")
+    if fmt == "dcp" and (layout.tp, layout.pp, layout.ep) != (1, 1, 1):
+        raise ConvertError(
+            "--format dcp stores global tensors (any mesh loads them); --tp/--pp/--ep do not apply"
+        )
+
+
+def _write_sharded(fmt, get, plan: Plan, out: Path, iteration, config: dict, hf_meta, progress) -> int:
+    if fmt == "dcp":
+        return write_dcp(get, plan.hf_names(), out, config, hf_meta)
+    return write_megatron(get, plan, out, iteration, config, hf_meta, progress)
+
+
 def hf_to_sharded(
     src: str | Path,
     out: str | Path,
@@ -387,10 +407,19 @@ def hf_to_sharded(
     iteration: int = 1,
     overwrite: bool = False,
     lora=None,
+    first_k_dense: int | None = None,
+    fmt: str = "megatron",
     progress=None,
 ) -> Result:
     """`layout.mtp_num_layers < 0` means "every MTP layer the HF files hold"."""
+    _check_format(fmt, layout)
     source = HFSource(src, None if layout.mtp_num_layers < 0 else layout.mtp_num_layers)
+    have = source.config.get("first_k_dense_replace")
+    if first_k_dense is not None and first_k_dense != have:
+        raise ConvertError(
+            f"--first-k-dense-replace {first_k_dense}: {source.path / 'config.json'} says {have}, and the HF "
+            "weights (dense gate/up/down vs experts) follow the config"
+        )
     layout = replace(layout, mtp_num_layers=source.mtp_num_layers)
     layout.validate(source.spec)
     plan = build_plan(source.spec, layout)
@@ -398,9 +427,52 @@ def hf_to_sharded(
     if lora is not None:
         get = lora.wrap(get, plan.hf_names())
     source.check(plan, ignore=lora.owns if lora is not None else (lambda n: False))
+    config = _dequantized_config(source)
     with staged_output(Path(out), overwrite) as tmp:
-        total = write_megatron(get, plan, tmp, iteration, source.config, source.path, progress)
+        total = _write_sharded(fmt, get, plan, tmp, iteration, config, source.path, progress)
     return Result(Path(out), total, len(plan.hf_names()))
+
+
+def _dequantized_config(source: HFSource) -> dict:
+    config = dict(source.config)
+    if source.reader.quantized:
+        log.info("dequantizing %d bitsandbytes 4-bit weights", len(source.reader.quantized))
+        config.pop("quantization_config", None)
+    return config
+
+
+def open_sharded(
+    src: str | Path,
+    source_overrides: dict | None = None,
+    hf_config: str | Path | None = None,
+    iteration: int | None = None,
+    allow_pickle: bool = False,
+    first_k_dense: int | None = None,
+):
+    """A Megatron per-rank or DCP checkpoint as a source of full HF tensors, checked against its layout."""
+    if is_dcp(src):
+        source = DCPSource(src, hf_config)
+        if first_k_dense is not None:
+            source.config = dict(source.config, first_k_dense_replace=first_k_dense)
+            source.spec = model_spec(source.config)
+        source.iteration = 1
+        wanted = build_plan(source.spec, Layout(mtp_num_layers=source.mtp_num_layers)).hf_names()
+        missing = sorted(set(wanted) - set(source.names()))
+        if missing:
+            raise ConvertError(f"{src}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        return source
+    info = inspect_sharded(src, source_overrides, hf_config, iteration, allow_pickle, first_k_dense)
+    source = MegatronSource(info, allow_pickle)
+    source.check()
+    return source
+
+
+def _mtp_count(requested: int | None, source, src) -> int:
+    if requested is None or requested < 0:
+        return source.mtp_num_layers
+    if requested > source.mtp_num_layers:
+        raise ConvertError(f"--mtp-num-layers {requested}: {src} holds {source.mtp_num_layers} MTP layer(s)")
+    return requested
 
 
 def sharded_to_hf(
@@ -414,18 +486,15 @@ def sharded_to_hf(
     overwrite: bool = False,
     allow_pickle: bool = False,
     lora=None,
+    first_k_dense: int | None = None,
 ) -> Result:
-    info = inspect_sharded(src, source_overrides, hf_config, iteration, allow_pickle)
-    source = MegatronSource(info, allow_pickle)
-    source.check()
-    n_mtp = source.mtp_num_layers if mtp_num_layers is None or mtp_num_layers < 0 else mtp_num_layers
-    if n_mtp > source.mtp_num_layers:
-        raise ConvertError(f"--mtp-num-layers {n_mtp}: {src} holds {source.mtp_num_layers} MTP layer(s)")
-    names = build_plan(source.spec, replace(info.layout, mtp_num_layers=n_mtp)).hf_names()
+    source = open_sharded(src, source_overrides, hf_config, iteration, allow_pickle, first_k_dense)
+    n_mtp = _mtp_count(mtp_num_layers, source, src)
+    names = build_plan(source.spec, Layout(mtp_num_layers=n_mtp)).hf_names()
     get = source.get if lora is None else lora.wrap(source.get, names)
     with staged_output(Path(out), overwrite) as tmp:
-        config = output_config(info.config, source.spec, n_mtp)
-        total = write_hf(get, names, tmp, config, info.hf_meta, max_shard_bytes)
+        config = output_config(source.config, source.spec, n_mtp)
+        total = write_hf(get, names, tmp, config, source.hf_meta, max_shard_bytes)
     return Result(Path(out), total, len(names))
 
 
@@ -439,21 +508,19 @@ def sharded_to_sharded(
     overwrite: bool = False,
     allow_pickle: bool = False,
     lora=None,
+    first_k_dense: int | None = None,
+    fmt: str = "megatron",
     progress=None,
 ) -> Result:
     """Re-shard without an HF copy on disk: each target rank is cut from tensors gathered in memory."""
-    info = inspect_sharded(src, source_overrides, hf_config, iteration, allow_pickle)
-    source = MegatronSource(info, allow_pickle)
-    source.check()
-    if layout.mtp_num_layers < 0:
-        layout = replace(layout, mtp_num_layers=source.mtp_num_layers)
-    if layout.mtp_num_layers > source.mtp_num_layers:
-        raise ConvertError(f"--mtp-num-layers {layout.mtp_num_layers}: {src} holds {source.mtp_num_layers}")
+    _check_format(fmt, layout)
+    source = open_sharded(src, source_overrides, hf_config, iteration, allow_pickle, first_k_dense)
+    layout = replace(layout, mtp_num_layers=_mtp_count(layout.mtp_num_layers, source, src))
     layout.validate(source.spec)
     plan = build_plan(source.spec, layout)
     get = source.get if lora is None else lora.wrap(source.get, plan.hf_names())
     with staged_output(Path(out), overwrite) as tmp:
-        total = write_megatron(get, plan, tmp, info.iteration, info.config, info.hf_meta, progress)
+        total = _write_sharded(fmt, get, plan, tmp, source.iteration, source.config, source.hf_meta, progress)
     return Result(Path(out), total, len(plan.hf_names()))
 
 
@@ -467,11 +534,10 @@ def hf_to_hf(
 ) -> Result:
     """Re-write an HF directory, merging a LoRA adapter into it (the usual way to use this)."""
     source = HFSource(src, None if mtp_num_layers is None or mtp_num_layers < 0 else mtp_num_layers)
-    layout = Layout(mtp_num_layers=source.mtp_num_layers)
-    plan = build_plan(source.spec, layout)
+    plan = build_plan(source.spec, Layout(mtp_num_layers=source.mtp_num_layers))
     get = source.get if lora is None else lora.wrap(source.get, plan.hf_names())
     source.check(plan, ignore=lora.owns if lora is not None else (lambda n: False))
     with staged_output(Path(out), overwrite) as tmp:
-        config = output_config(source.config, source.spec, source.mtp_num_layers)
+        config = output_config(_dequantized_config(source), source.spec, source.mtp_num_layers)
         total = write_hf(get, plan.hf_names(), tmp, config, source.path, max_shard_bytes)
     return Result(Path(out), total, len(plan.hf_names()))
