@@ -32,10 +32,12 @@ _LORA_KEY = re.compile(
 _LORA_KEY_EMB = re.compile(
     r"^(?:base_model\.model\.)?(.+?)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$"
 )
+# peft saves whole embedding layers beside their LoRA (save_embedding_layers): they replace the base's.
+_BASE_LAYER = re.compile(r"^(?:base_model\.model\.)?(.+?)\.base_layer\.weight$")
 
 
 def is_lora_key(name: str) -> bool:
-    return bool(_LORA_KEY.match(name) or _LORA_KEY_EMB.match(name))
+    return bool(_LORA_KEY.match(name) or _LORA_KEY_EMB.match(name) or _BASE_LAYER.match(name))
 
 
 @dataclass
@@ -47,12 +49,16 @@ class LoraAdapter:
     config: dict
     source: str
     embedding: set[str] = field(default_factory=set)
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> saved base weight
 
     # -- reading --
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], config: dict, source: str) -> LoraAdapter:
-        a, b, emb = {}, {}, set()
+        a, b, emb, base = {}, {}, set(), {}
         for k, v in tensors.items():
+            if m := _BASE_LAYER.match(k):
+                base[m.group(1)] = v
+                continue
             m = _LORA_KEY.match(k) or _LORA_KEY_EMB.match(k)
             if not m:
                 raise ConvertError(f"{source}: {k} is not a LoRA tensor (expected *.lora_A/lora_B.weight)")
@@ -65,7 +71,7 @@ class LoraAdapter:
             raise ConvertError(f"{source}: LoRA A and B factors do not pair up, e.g. {odd[:3]}")
         if not a:
             raise ConvertError(f"{source}: no LoRA tensors")
-        return cls(a, b, _check_config(config, source), source, emb)
+        return cls(a, b, _check_config(config, source), source, emb, base)
 
     @classmethod
     def from_peft_dir(cls, path: str | Path) -> LoraAdapter:
@@ -130,14 +136,15 @@ class LoraAdapter:
     def wrap(self, get: Callable[[str], torch.Tensor], names: list[str]) -> Callable[[str], torch.Tensor]:
         """`get` with the adapter merged in; every adapted weight must be among `names`."""
         targets = self.targets()
-        missing = sorted(set(targets) - set(names))
+        missing = sorted((set(targets) | {f"{m}.weight" for m in self.replace}) - set(names))
         if missing:
             raise ConvertError(
                 f"{self.source}: adapts weights the base model does not have, e.g. {missing[:3]}"
             )
 
         def merged(name: str) -> torch.Tensor:
-            w = get(name)
+            module = name.removesuffix(".weight")
+            w = self.replace[module] if module in self.replace else get(name)
             if name not in targets:
                 return w
             d = self.delta(targets[name])
@@ -162,6 +169,8 @@ class LoraAdapter:
             suffix = "" if m in self.embedding else ".weight"
             tensors[f"base_model.model.{m}.{a_name}{suffix}"] = self.a[m].contiguous()
             tensors[f"base_model.model.{m}.{b_name}{suffix}"] = self.b[m].contiguous()
+        for m, w in self.replace.items():
+            tensors[f"base_model.model.{m}.base_layer.weight"] = w.contiguous()
         save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         cfg = {
             "peft_type": "LORA",
