@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtpkit.cli import main
 from mtpkit.convert.hf import HFReader
@@ -22,7 +23,7 @@ from mtpkit.convert.layout import ConvertError, Layout, Param
 from mtpkit.convert.lora import LoraAdapter
 from mtpkit.convert.megatron import META, TRACKER, load_rank
 from mtpkit.convert.reshard import hf_to_hf, hf_to_sharded, sharded_to_hf, sharded_to_sharded
-from mtpkit.models.tiny import build_tiny
+from mtpkit.models.tiny import TINY_CONFIGS, build_tiny
 
 H = 64
 
@@ -53,6 +54,15 @@ def hf_dirs(tmp_path_factory):
         if fam == "deepseek_v3":
             _save_with_mtp(model, path)
         out[fam] = path
+    # DeepSeek-V3.2: V3 plus the sparse-attention indexer in every layer (MTP layer included)
+    fields = dict(TINY_CONFIGS["deepseek_v3"], index_n_heads=4, index_head_dim=16)
+    fields.pop("model_type")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        v32 = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v32", **fields))
+    v32.save_pretrained(root / "deepseek_v32")
+    _save_with_mtp(v32, root / "deepseek_v32")
+    out["deepseek_v32"] = root / "deepseek_v32"
     tied = root / "llama-tied"  # tie_word_embeddings: no lm_head; the last PP stage keeps a copy
     shutil.copytree(out["llama"], tied)
     sd = load_file(str(tied / "model.safetensors"))
@@ -172,6 +182,23 @@ def test_sharded_to_sharded_equals_direct(hf_dirs, tmp_path):
         sharded_to_sharded(tmp_path / f"{fam}2", tmp_path / f"{fam}1", Layout())
         hf_to_sharded(hf_dirs[fam], tmp_path / f"{fam}d", Layout())
         assert_same_ranks(tmp_path / f"{fam}1", tmp_path / f"{fam}d")
+
+
+def test_deepseek_v32_tp16_style_reshard_to_tp1_then_mtp_to_hf(hf_dirs, tmp_path):
+    """The DeepSeek-V3.2 MTP fine-tuning flow: a TP-sharded training checkpoint re-sharded to TP=1, then
+    the MTP layer read out; the indexer travels replicated."""
+    src = hf_dirs["deepseek_v32"]
+    hf_to_sharded(src, tmp_path / "tp4", Layout(tp=4, pp=2, ep=2, noop_layers=[3], mtp_num_layers=-1))
+    shard = load_rank(tmp_path / "tp4" / "iter_0000001" / "mp_rank_03_001_001")[0]
+    wq_b = HFReader(src).get("model.layers.3.self_attn.indexer.wq_b.weight")
+    assert torch.equal(
+        shard["mtp.layers.0.transformer_layer.self_attention.core_attention.indexer.linear_wq_b.weight"], wq_b
+    )
+    sharded_to_sharded(tmp_path / "tp4", tmp_path / "tp1", Layout(mtp_num_layers=-1))
+    hf_to_sharded(src, tmp_path / "direct", Layout(mtp_num_layers=-1))
+    assert_same_ranks(tmp_path / "tp1", tmp_path / "direct")
+    sharded_to_hf(tmp_path / "tp1", tmp_path / "back")
+    assert_same_hf(src, tmp_path / "back")
 
 
 def test_foreign_checkpoint_layout_inferred_and_mindspeed_names_read(hf_dirs, tmp_path):
@@ -460,6 +487,15 @@ def test_bad_layouts_fail_before_writing(hf_dirs, tmp_path):
         hf_to_sharded(hf_dirs["llama"], out, Layout(tp=8))
     with pytest.raises(ConvertError, match="first-k-dense-replace 2: .* says 1"):
         hf_to_sharded(ds, out, Layout(), first_k_dense=2)
+    fp8 = tmp_path / "fp8"  # DeepSeek's FP8 release: block scales beside the weights
+    shutil.copytree(ds, fp8)
+    save_file(
+        {"model.layers.0.self_attn.o_proj.weight_scale_inv": torch.ones(1, 1)},
+        str(fp8 / "scales.safetensors"),
+    )
+    with pytest.raises(ConvertError, match="FP8 block-quantized weights .* dequantize to bf16 first"):
+        hf_to_sharded(fp8, out, Layout())
+    assert not out.exists()
 
 
 def test_bad_sharded_inputs(hf_dirs, tmp_path):

@@ -31,7 +31,7 @@ class ConvertError(MtpkitError, ValueError):
 
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2"}
-DEEPSEEK_TYPES = {"deepseek_v2", "deepseek_v3"}
+DEEPSEEK_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class ModelSpec:
     moe_intermediate: int = 0
     first_k_dense: int = 0
     router_bias: bool = False
+    indexer: bool = False  # DeepSeek-V3.2 sparse-attention indexer
     mtp_layers: int = 0  # num_nextn_predict_layers in the config
 
     @property
@@ -101,7 +102,8 @@ def model_spec(config: dict, where: str = "config.json") -> ModelSpec:
         n_shared_experts=config.get("n_shared_experts") or 0,
         moe_intermediate=config.get("moe_intermediate_size") or 0,
         first_k_dense=config.get("first_k_dense_replace", 0) if config.get("n_routed_experts") else 10**9,
-        router_bias=mt == "deepseek_v3",
+        router_bias=mt in ("deepseek_v3", "deepseek_v32"),
+        indexer=mt == "deepseek_v32",
         mtp_layers=config.get("num_nextn_predict_layers") or 0,
     )
 
@@ -444,6 +446,15 @@ def _layer(spec: ModelSpec, layout: Layout, m: str, n: int) -> list:
             Param(f"{sa}.k_layernorm.weight", (f"{a}.kv_a_layernorm.weight",), "rep"),
             Param(f"{sa}.linear_kvb.weight", (f"{a}.kv_b_proj.weight",), "col"),
         ]
+        if spec.indexer:  # replicated over TP, names of Megatron-core's DSA (as mbridge maps them)
+            ix, hx = f"{sa}.core_attention.indexer", f"{a}.indexer"
+            for mg, hf in [
+                ("linear_wq_b", "wq_b"),
+                ("linear_wk", "wk"),
+                ("linear_weights_proj", "weights_proj"),
+            ]:
+                out.append(Param(f"{ix}.{mg}.weight", (f"{hx}.{hf}.weight",), "rep"))
+            out += [Param(f"{ix}.k_norm.{w}", (f"{hx}.k_norm.{w}",), "rep") for w in ("weight", "bias")]
     else:
         g = spec.kv_heads
         sizes = (g, spec.heads * spec.head_dim, g * spec.head_dim)

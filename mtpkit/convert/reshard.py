@@ -112,6 +112,12 @@ class HFSource:
                 "dropping %d tensors of MTP layers >= %d (--mtp-num-layers)", len(dropped), first_dropped
             )
         unknown = [n for n in extra if n not in dropped]
+        fp8 = [n for n in unknown if n.endswith("weight_scale_inv")]
+        if fp8:
+            raise ConvertError(
+                f"{self.path}: FP8 block-quantized weights ({fp8[0]}, ...); dequantize to bf16 first "
+                "(DeepSeek's inference/fp8_cast_bf16.py), as Megatron and MindSpeed-LLM also require"
+            )
         if unknown:
             raise ConvertError(
                 f"{self.path}: {len(unknown)} tensor(s) this mapping of {self.spec.model_type} does not know, "
