@@ -223,6 +223,20 @@ def test_foreign_checkpoint_layout_inferred_and_mindspeed_names_read(hf_dirs, tm
         sharded_to_hf(tmp_path / "s", tmp_path / "b")
     sharded_to_hf(tmp_path / "s", tmp_path / "b", hf_config=src)
     assert_same_hf(src, tmp_path / "b")
+    # Megatron-LM's Transformer-Engine spec names the pre-norms after the linear they are fused into
+    hf_to_sharded(hf_dirs["llama"], tmp_path / "te", Layout(tp=2, pp=2))
+    (tmp_path / "te" / META).unlink()
+    for f in (tmp_path / "te").glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        ckpt = torch.load(f, weights_only=False)
+        ckpt["model"] = {
+            k.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight").replace(
+                "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"
+            ): v
+            for k, v in ckpt["model"].items()
+        }
+        torch.save(ckpt, f)
+    sharded_to_hf(tmp_path / "te", tmp_path / "te-back", hf_config=hf_dirs["llama"])
+    assert_same_hf(hf_dirs["llama"], tmp_path / "te-back")
 
 
 def test_dcp_roundtrip_and_to_megatron(hf_dirs, tmp_path):

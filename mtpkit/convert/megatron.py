@@ -32,6 +32,9 @@ _ALIASES = [
     (re.compile(r"^mtp\.final_layernorms\.(\d+)\.weight$"), r"mtp.layers.\1.final_layernorm.weight"),
     (re.compile(r"^final_layernorm\.weight$"), "decoder.final_layernorm.weight"),
     (re.compile(r"\.self_attention\.kv_layernorm\.weight$"), ".self_attention.k_layernorm.weight"),
+    # Megatron-LM's Transformer-Engine layer spec fuses the pre-norms into the next linear
+    (re.compile(r"\.self_attention\.linear_qkv\.layer_norm_weight$"), ".input_layernorm.weight"),
+    (re.compile(r"\.mlp\.linear_fc1\.layer_norm_weight$"), ".pre_mlp_layernorm.weight"),
 ]
 
 
