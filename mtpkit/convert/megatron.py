@@ -87,7 +87,12 @@ def load_rank(path: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.T
         raise ConvertError(f"{f} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(f, map_location="cpu", mmap=True, weights_only=not allow_pickle)
+            try:
+                ckpt = torch.load(f, map_location="cpu", mmap=True, weights_only=not allow_pickle)
+            except RuntimeError as exc:  # files from before torch's zip format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                ckpt = torch.load(f, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
         raise ConvertError(
             f"{f}: holds Python objects beyond tensors ({str(exc).splitlines()[0]}); if you trust the file, "
