@@ -555,7 +555,9 @@ def test_cli_roundtrip_and_errors(hf_dirs, tmp_path, capsys):
         want = build_tiny("deepseek_v3")[0](ids).logits
         got = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)(ids).logits
     assert torch.equal(got, want)
-    assert main(["convert", "sharded-to-sharded", sh, str(tmp_path / "tp1")]) == 0
+    assert main(["convert", "sharded-to-sharded", sh, str(tmp_path / "tp1"), "--iteration", "500"]) == 0
+    assert (tmp_path / "tp1" / "iter_0000500" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    assert (tmp_path / "tp1" / TRACKER).read_text().strip() == "500"
     capsys.readouterr()
     assert (
         main(["convert", "hf-to-sharded", src, str(tmp_path / "x"), "--pp", "2", "--num-layer-list", "2,2"])

@@ -43,7 +43,9 @@ def _target_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--moe-tp-extend-ep", action="store_true", help="TP ranks split the expert count, not experts"
     )
-    g.add_argument("--iteration", type=int, default=1, help="iteration number of the written checkpoint")
+    g.add_argument(
+        "--iteration", type=int, help="iteration of the written checkpoint (default: 1, or the source's)"
+    )
     g.add_argument("--format", default="megatron", choices=["megatron", "dcp"])
 
 
@@ -178,7 +180,7 @@ def run_convert(args: argparse.Namespace) -> int:
             args.src,
             args.out,
             layout,
-            args.iteration,
+            args.iteration or 1,
             first_k_dense=args.first_k_dense_replace,
             fmt=args.format,
             **kw,
@@ -190,6 +192,7 @@ def run_convert(args: argparse.Namespace) -> int:
             layout,
             first_k_dense=args.first_k_dense_replace,
             fmt=args.format,
+            out_iteration=args.iteration,
             **source,
             **kw,
         )

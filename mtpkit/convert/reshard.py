@@ -516,9 +516,11 @@ def sharded_to_sharded(
     lora=None,
     first_k_dense: int | None = None,
     fmt: str = "megatron",
+    out_iteration: int | None = None,
     progress=None,
 ) -> Result:
-    """Re-shard without an HF copy on disk: each target rank is cut from tensors gathered in memory."""
+    """Re-shard without an HF copy on disk: each target rank is cut from tensors gathered in memory.
+    The output keeps the source's iteration unless `out_iteration` is given."""
     _check_format(fmt, layout)
     source = open_sharded(src, source_overrides, hf_config, iteration, allow_pickle, first_k_dense)
     layout = replace(layout, mtp_num_layers=_mtp_count(layout.mtp_num_layers, source, src))
@@ -526,7 +528,8 @@ def sharded_to_sharded(
     plan = build_plan(source.spec, layout)
     get = source.get if lora is None else lora.wrap(source.get, plan.hf_names())
     with staged_output(Path(out), overwrite) as tmp:
-        total = _write_sharded(fmt, get, plan, tmp, source.iteration, source.config, source.hf_meta, progress)
+        it = source.iteration if out_iteration is None else out_iteration
+        total = _write_sharded(fmt, get, plan, tmp, it, source.config, source.hf_meta, progress)
     return Result(Path(out), total, len(plan.hf_names()))
 
 
