@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mtpkit.config import build_config
+from mtpkit.convert.command import add_convert_parser
 from mtpkit.errors import MtpkitError
 
 # Errors that carry a message meant for the user: printed without a traceback (-v shows it).
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _export_parser(sub)
     _import_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
