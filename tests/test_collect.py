@@ -91,6 +91,12 @@ def test_rerun_is_a_no_op_and_resume_matches_uninterrupted(tmp_path, tiny_llama)
     assert json.loads((tmp_path / "part" / MANIFEST).read_bytes())["shards"] == json.loads(manifest)["shards"]
 
 
+def test_max_samples_is_exact_while_samples_are_pending(tmp_path, tiny_llama):
+    """Samples not yet committed (big shards, rare commits) count once towards max_samples."""
+    cfg = _cfg(tmp_path, max_prompts=10, max_samples=5, batch_size=2, commit_every_s=3600.0)
+    assert collect(cfg, tiny_llama)["store_samples"] == 5
+
+
 def test_other_prompts_append_as_a_new_job(tmp_path, tiny_llama):
     collect(_cfg(tmp_path, max_prompts=2), tiny_llama)
     path = tmp_path / "more.jsonl"

@@ -303,7 +303,7 @@ def _run(cfg, target, store: Store, items, key, spec, layers, store_dtype) -> di
         pending, last_commit = [], time.perf_counter()
 
     while consumed < len(items):
-        room = None if cfg.max_samples is None else cfg.max_samples - state["samples"] - len(pending)
+        room = None if cfg.max_samples is None else cfg.max_samples - state["samples"]  # pending included
         if room is not None and room <= 0:
             break
         # Each item yields at most one sample, so a batch no larger than `room` cannot overshoot.
