@@ -198,11 +198,13 @@ def test_capacity_drops_later_rows_of_full_experts():
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 def test_compiles_fullgraph(dispatch):
     torch._dynamo.reset()
-    moe = _layer(dispatch=dispatch, capacity_factor=4.0)
+    moe = _layer(dispatch=dispatch, capacity_factor=4.0, aux_loss_alpha=0.01).train()  # + aux loss, load
     x = torch.randn(2, 12, 32)
-    eager = moe(x)
+    eager, eager_aux = moe(x), moe.aux_loss
     compiled = torch.compile(moe, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe.aux_loss, eager_aux)
+    assert moe.load.sum() == 2 * 24 * 2
     compiled.sum().backward()
     assert moe.experts.gate_up_proj.grad.abs().sum() > 0
 
