@@ -436,7 +436,7 @@ class MoE(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
-HF_MOE_CLASSES = ("DeepseekV3MoE", "DeepseekV2Moe", "DeepseekV2MoE")
+HF_MOE_CLASSES = ("DeepseekV3MoE", "DeepseekV2Moe")
 
 
 def swap_moe(model: nn.Module, **overrides) -> int:
