@@ -7,7 +7,7 @@ import torch
 
 from mtpkit.config import from_dict, load_config
 from mtpkit.data.store import Sample, Store
-from mtpkit.heads import load_head
+from mtpkit.heads import build_head, load_head
 from mtpkit.models import load_target
 from mtpkit.train import trainer as trainer_mod
 from mtpkit.train.checkpoint import CheckpointError
@@ -18,7 +18,7 @@ from mtpkit.train.trainer import TrainingError, train
 PERIOD = [5, 9, 14, 20, 27, 33, 41]
 
 
-def periodic_store(path, target, n=24, length=40, seed=0, layers=None):
+def periodic_store(path, target, n=24, length=40, seed=0, layers=None, prompt_len=3):
     """Samples cycling through PERIOD from a random phase: t_{i+1} is a function of t_i, so a
     head must predict every depth exactly. Hidden states are the target's real ones."""
     g = torch.Generator().manual_seed(seed)
@@ -27,7 +27,7 @@ def periodic_store(path, target, n=24, length=40, seed=0, layers=None):
         phase = int(torch.randint(0, len(PERIOD), (1,), generator=g))
         ids = torch.tensor([PERIOD[(phase + t) % len(PERIOD)] for t in range(length)])
         mask = torch.ones(length, dtype=torch.bool)
-        mask[:3] = False
+        mask[:prompt_len] = False
         hidden = target.hidden_states(ids[None], None, layers)[0].to(torch.bfloat16)
         samples.append(Sample(ids, mask, hidden, f"periodic:{i}"))
     with Store.open_for_append(path, target.identity(), layers or [target.num_layers], "bfloat16") as st:
@@ -160,6 +160,17 @@ def test_online_corpus_mode(tmp_path, tiny_llama):
     )
     result = train(cfg, target=tiny_llama)
     assert result["step"] == 6 and result["tokens_seen"] > 0 and "acc_d1" in result["eval"]
+
+
+def test_batches_without_loss_tokens_leave_the_head_unchanged(tmp_path, tiny_llama):
+    """max_seq_len cutting every answer away (long prompts do this) gives zero gradient, not a crash."""
+    store = periodic_store(tmp_path / "store", tiny_llama, n=8, prompt_len=20)
+    cfg = _cfg(tmp_path, store, max_steps=2, data__max_seq_len=16, eval_every=2, save_every=2)
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in build_head(tiny_llama, "mtp", cfg.head).state_dict().items()}
+    result = train(cfg, target=tiny_llama)
+    after = load_head(result["head"], tiny_llama).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_inputs(tmp_path, tiny_llama, monkeypatch):

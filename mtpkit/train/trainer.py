@@ -299,7 +299,8 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
                 batch = source.next_batch()
                 with autocast:
                     loss, stats = batch_loss(head, batch, cfg, weights)
-                (loss / cfg.optim.grad_accum).backward()
+                if loss.requires_grad:  # False when truncation left the batch no loss tokens
+                    (loss / cfg.optim.grad_accum).backward()
                 loss_value += loss.item() / cfg.optim.grad_accum
                 tokens_seen += batch.num_tokens
                 add_depth_stats(stats_sum, stats)
