@@ -27,6 +27,39 @@ def depth_weights(num: int, weights: list[float] | None = None, decay: float = 1
     return [w / total for w in raw]
 
 
+def depth_losses(
+    head,
+    input_ids: torch.Tensor,
+    hidden: torch.Tensor,
+    loss_mask: torch.Tensor,
+    weights: list[float],
+    kind: str = "ce",
+    chunk_size: int = 1024,
+    depths: int | None = None,
+):
+    """Weighted per-depth mean loss of a right-padded batch and per-depth stats
+    (loss sum, count, hits [B, T], valid [B, T]); `hidden` is the target's final post-norm state."""
+    outs = head.forward_train(input_ids, hidden, depths)
+    total = hidden.new_zeros(())
+    stats = []
+    for k, h in enumerate(outs, start=1):
+        labels, valid = shifted_labels(input_ids, loss_mask, k)
+        teacher = None
+        if kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
+            T = hidden.shape[1]
+            shifted = torch.zeros_like(hidden)
+            shifted[:, : T - k] = hidden[:, k:]
+            teacher = shifted[valid]
+        loss_sum, hit = lm_loss(h[valid], labels[valid], head.lm_head, kind, teacher, chunk_size)
+        count = int(valid.sum())
+        hits = torch.zeros_like(valid)
+        hits[valid] = hit
+        stats.append({"loss_sum": loss_sum.detach(), "count": count, "hits": hits, "valid": valid})
+        if k <= len(weights):
+            total = total + weights[k - 1] * loss_sum / max(count, 1)
+    return total, stats
+
+
 def shifted_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, depth: int):
     """Labels and validity for depth k (1-based): row i predicts t_{i+k+1}, trained where masked."""
     _B, T = input_ids.shape

@@ -28,7 +28,7 @@ from mtpkit.models.loader import identity_differences
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
-from mtpkit.train.losses import depth_weights, lm_loss, shifted_labels
+from mtpkit.train.losses import depth_losses, depth_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,16 @@ class TrainingError(MtpkitError, RuntimeError):
 # ---------------------------------------------------------------------------- loss of one batch
 def batch_loss(head, batch: Batch, cfg: TrainConfig, weights: list[float], depths: int | None = None):
     """Weighted per-depth loss of a batch, and per-depth stats (loss sum, count, hits [B, T])."""
-    outs = head.forward_train(batch.input_ids, batch.hidden, depths)
-    total = batch.hidden.new_zeros(())
-    stats = []
-    for k, h in enumerate(outs, start=1):
-        labels, valid = shifted_labels(batch.input_ids, batch.loss_mask, k)
-        teacher = None
-        if cfg.loss.kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
-            T = batch.hidden.shape[1]
-            shifted = torch.zeros_like(batch.hidden)
-            shifted[:, : T - k] = batch.hidden[:, k:]
-            teacher = shifted[valid]
-        loss_sum, hit = lm_loss(
-            h[valid], labels[valid], head.lm_head, cfg.loss.kind, teacher, cfg.loss.chunk_size
-        )
-        count = int(valid.sum())
-        hits = torch.zeros_like(valid)
-        hits[valid] = hit
-        stats.append({"loss_sum": loss_sum.detach(), "count": count, "hits": hits, "valid": valid})
-        if k <= len(weights):
-            total = total + weights[k - 1] * loss_sum / max(count, 1)
+    total, stats = depth_losses(
+        head,
+        batch.input_ids,
+        batch.hidden,
+        batch.loss_mask,
+        weights,
+        cfg.loss.kind,
+        cfg.loss.chunk_size,
+        depths,
+    )
     return total * cfg.loss.scaling_factor, stats
 
 
