@@ -175,6 +175,8 @@ def sft(cfg: SFTConfig, resume: bool = False, target: Target | None = None) -> d
         batches.load_state_dict(state["data"])
         logger.truncate_after(step)
     last_eval: dict = {}
+    if held and step == 0:  # the starting point: the base model and the untrained head
+        logger.log(0, "eval", evaluate(policy, head, held, cfg))
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress or None)
     try:
         while step < cfg.max_steps:

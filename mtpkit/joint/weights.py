@@ -22,70 +22,64 @@ from torch import nn
 _HEAD_PARTS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
 
 
-def _base_weight(layer: nn.Module) -> torch.Tensor:
-    """A linear layer's full-precision weight (dequantized if it is bitsandbytes NF4/FP4)."""
-    weight = layer.weight
-    quant_state = getattr(weight, "quant_state", None)
+def _full_precision(param: torch.Tensor) -> torch.Tensor:
+    """A weight at full precision (dequantized if it is a bitsandbytes NF4/FP4 parameter)."""
+    quant_state = getattr(param, "quant_state", None)
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, quant_state).to(quant_state.dtype)
-    return weight.detach()
+        return bnbf.dequantize_4bit(param.data, quant_state).to(quant_state.dtype)
+    return param.detach()
 
 
-def lora_delta(layer: nn.Module, adapter: str) -> torch.Tensor:
-    """scaling · B @ A of one peft LoRA linear layer (fan_in_fan_out layers transposed, as peft does)."""
-    a = layer.lora_A[adapter].weight.detach()
-    b = layer.lora_B[adapter].weight.detach()
-    delta = (b.float() @ a.float()) * layer.scaling[adapter]
-    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+def _is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _lora_deltas(module: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The innermost base module under a (possibly nested) peft LoRA layer, and the summed
+    delta of each of its parameters (`weight`, or e.g. `gate_up_proj` for LoRA on MoE experts)."""
+    deltas: dict[str, torch.Tensor] = {}
+    while _is_lora(module):
+        pname = getattr(module, "parameter_name", "weight")
+        if not getattr(module, "merged", False):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    delta = module.get_delta_weight(adapter).detach().float()
+                    deltas[pname] = deltas[pname] + delta if pname in deltas else delta
+        module = module.base_layer
+    return module, deltas
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """HF-named weights of `model` with active LoRA adapters merged and 4-bit layers dequantized.
 
-    `model` is the transformers model (peft injects its adapters into it in place); a
-    `peft.PeftModel` is unwrapped. Tied weights appear once, as transformers saves them.
+    `model` is the transformers model (peft injects its adapters into it in place) or its
+    `peft.PeftModel`. Nothing is modified: merging happens in the returned copies (in float32,
+    then cast back). Tied weights appear once, as transformers saves them.
     """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     out: dict[str, torch.Tensor] = {}
-    skip_prefixes: list[str] = []
+    done: list[str] = []  # prefixes of modules already written with everything under them
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
-            continue
         prefix = f"{name}." if name else ""
-        base = getattr(module, "base_layer", None)
-        if base is not None and hasattr(module, "lora_A"):  # a peft LoRA layer
-            weight = _base_weight(base).float()
-            if not getattr(module, "merged", False):
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        weight = weight + lora_delta(module, adapter).to(weight.device)
-            out[prefix + "weight"] = weight.to(_dtype_of(base))
-            if base.bias is not None:
-                out[prefix + "bias"] = base.bias.detach()
-            skip_prefixes.append(prefix)
+        if any(prefix.startswith(d) for d in done):
             continue
-        if getattr(getattr(module, "weight", None), "quant_state", None) is not None:  # bare NF4 layer
-            out[prefix + "weight"] = _base_weight(module)
-            if module.bias is not None:
-                out[prefix + "bias"] = module.bias.detach()
-            skip_prefixes.append(prefix)
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            out[prefix + pname] = param.detach()
-        for bname, buf in module.named_buffers(recurse=False):
-            if bname not in module._non_persistent_buffers_set:
+        base, deltas = _lora_deltas(module) if _is_lora(module) else (module, {})
+        for pname, param in base.named_parameters(recurse=False):
+            weight = _full_precision(param)
+            if pname in deltas:
+                weight = (weight.float() + deltas[pname].to(weight.device)).to(weight.dtype)
+            out[prefix + pname] = weight
+        for bname, buf in base.named_buffers(recurse=False):
+            if bname not in base._non_persistent_buffers_set:
                 out[prefix + bname] = buf.detach()
+        if base is not module:
+            done.append(prefix)
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
     return out
-
-
-def _dtype_of(layer: nn.Module) -> torch.dtype:
-    qs = getattr(layer.weight, "quant_state", None)
-    return qs.dtype if qs is not None else layer.weight.dtype
 
 
 def head_engine_names(head, num_target_layers: int, include_shared: bool = False) -> dict:
