@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,20 @@ from safetensors.torch import load_file
 from mtpkit.heads import build_head, load_head
 from mtpkit.joint.data import build_example, record_dialogue
 from mtpkit.joint.mtp_loss import MTPLossConfig, mtp_loss
-from mtpkit.joint.policy import PolicyConfig, clip_separately, make_optimizer, policy_forward, prepare_policy
+from mtpkit.joint.policy import (
+    PolicyConfig,
+    clip_separately,
+    make_optimizer,
+    policy_forward,
+    prepare_policy,
+    save_policy,
+)
 from mtpkit.joint.sft import SFTConfig, SFTDataConfig, joint_loss, sft
-from mtpkit.joint.weights import engine_state_dict, head_engine_names, merged_state_dict, write_engine_weights
+from mtpkit.joint.weights import checkpoint_names, engine_state_dict, merged_state_dict, write_engine_weights
 from mtpkit.models import load_target
 from mtpkit.train.losses import shifted_labels
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _setup(mode: str = "full", depths: int = 2, family: str = "llama"):
@@ -242,7 +252,8 @@ def test_lora_merge_equals_peft_merge_and_unload(family):
     _, _, policy = _setup("lora", family=family)
     _randomize_lora(policy)
     ours = merged_state_dict(policy.peft_model)
-    reference = copy.deepcopy(policy.peft_model).merge_and_unload().state_dict()
+    merged = copy.deepcopy(policy.peft_model).merge_and_unload()
+    reference = checkpoint_names(merged, merged.state_dict())
     assert ours.keys() == reference.keys()
     for k in ours:
         torch.testing.assert_close(ours[k], reference[k], atol=0, rtol=1e-6, msg=k)
@@ -265,33 +276,67 @@ def test_qlora_merge_reproduces_the_adapted_model():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+MTP_PARTS = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
+
+
 def test_engine_names_follow_the_deepseek_mtp_layout(tmp_path):
     target, head, policy = _setup("lora", depths=2, family="deepseek_v3")
     L = target.num_layers
-    names = head_engine_names(head, L)
-    for d in range(2):
-        layer = f"model.layers.{L + d}."
-        for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"):
-            assert layer + part in names
-    # The block's weights are named as the target's own decoder layer's, one layer index on.
-    last = f"model.layers.{L - 1}."
-    own = {
-        k.replace(last, f"model.layers.{L}.")
-        for k in load_target("tiny-deepseek_v3").model.state_dict()
-        if k.startswith(last)
-    }
-    block = {k for k in names if k.startswith(f"model.layers.{L}.")} - {
-        f"model.layers.{L}.{p}"
-        for p in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
-    }
-    assert block == own
     state = engine_state_dict(policy.peft_model, head)
-    base = set(load_target("tiny-deepseek_v3").model.state_dict())
-    assert set(state) == base | set(names)  # no peft names (base_layer, lora_A) leak
+    for d in range(2):
+        for part in MTP_PARTS:
+            assert f"model.layers.{L + d}.{part}" in state
+    # Each block is named as the target's own last decoder layer in its checkpoint (MoE experts
+    # one by one: mlp.experts.{e}.{gate,up,down}_proj.weight, as in DeepSeek-V3's release), one
+    # layer index on; and the policy's names are its checkpoint names, without peft's.
+    plain = load_target("tiny-deepseek_v3").model
+    base = checkpoint_names(plain, plain.state_dict())
+    last = f"model.layers.{L - 1}."
+    own = {k.replace(last, f"model.layers.{L}.") for k in base if k.startswith(last)}
+    block = {k for k in state if k.startswith(f"model.layers.{L}.")} - {
+        f"model.layers.{L}.{p}" for p in MTP_PARTS
+    }
+    assert block == own and f"model.layers.{L}.mlp.experts.7.up_proj.weight" in own
+    head_names = {k for k in state if k.startswith("model.layers.") and int(k.split(".")[2]) >= L}
+    assert set(state) - head_names == set(base)
     out = write_engine_weights(tmp_path / "engine", policy.peft_model, head, target.tokenizer)
     written = load_file(str(out / "model.safetensors"))
-    assert (
-        f"model.layers.{L}.embed_tokens.weight" in written
-        and f"model.layers.{L + 1}.shared_head.head.weight" in written
-    )
+    assert set(written) == set(state) | {
+        f"model.layers.{L + d}.{p}"
+        for d in range(2)
+        for p in ("embed_tokens.weight", "shared_head.head.weight")
+    }
     assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 2
+
+
+def test_saved_moe_policy_reloads_as_the_trained_model(tmp_path):
+    """Merged LoRA on fused experts, written under checkpoint names, loads back through transformers."""
+    target, _, policy = _setup("lora", family="deepseek_v3")
+    _randomize_lora(policy)
+    ids, _ = _batch()
+    with torch.no_grad():
+        expected = target.model(input_ids=ids).logits
+    reloaded = load_target(str(save_policy(policy, tmp_path / "model")))
+    with torch.no_grad():
+        got = reloaded.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_joint_configs_load():
+    from mtpkit.config import load_config
+    from mtpkit.joint.rl import RLConfig
+
+    sft_cfg = load_config(SFTConfig, REPO / "configs/joint/sft_smollm2.yaml", ["policy.mode=qlora"])
+    assert sft_cfg.policy.mode == "qlora" and sft_cfg.mtp.detach == ["hidden", "embed", "lm_head"]
+    rl_cfg = load_config(RLConfig, REPO / "configs/joint/rl_smollm2.yaml", ["rollout.enable_rollout=true"])
+    assert rl_cfg.rollout.enable_rollout and rl_cfg.algo.eps_high == 0.28
+
+
+def test_undetached_mtp_loss_is_logged(caplog):
+    from mtpkit.joint.mtp_loss import warn_if_undetached
+
+    warn_if_undetached(MTPLossConfig(detach=["embed"]))
+    assert "hidden, lm_head" in caplog.text
+    caplog.clear()
+    warn_if_undetached(MTPLossConfig())
+    assert not caplog.text

@@ -199,7 +199,7 @@ def sft(cfg: SFTConfig, resume: bool = False, target: Target | None = None) -> d
                     "train",
                     {
                         "loss": loss.item(),
-                        "ce": float(ce),
+                        "ce": ce.item(),
                         "acc": float(hit.float().mean()),
                         "grad_norm_model": gn_model,
                         "grad_norm_head": gn_head,

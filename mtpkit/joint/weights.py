@@ -79,7 +79,16 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             done.append(prefix)
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
-    return out
+    return checkpoint_names(model, out)
+
+
+def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory names -> the checkpoint's (what `save_pretrained` writes and engines
+    load): e.g. DeepSeek-V3's fused `mlp.experts.gate_up_proj` [E, 2I, H] becomes
+    `mlp.experts.{e}.{gate,up}_proj.weight`. A no-op for models without such conversions (Llama)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, dict(state)))
 
 
 def head_engine_names(head, num_target_layers: int, include_shared: bool = False) -> dict:
@@ -92,7 +101,7 @@ def head_engine_names(head, num_target_layers: int, include_shared: bool = False
             rest = rest[len("block.") :]
         elif not rest.startswith(_HEAD_PARTS):
             raise ValueError(f"head weight {key!r} has no engine name")
-        out[layer + rest] = value.detach()
+        out[layer + rest] = value.detach()  # in-memory names; engine_state_dict makes them checkpoint names
     if include_shared:
         for d in range(head.cfg.num_depths):
             layer = f"model.layers.{num_target_layers + d}."
@@ -105,7 +114,8 @@ def engine_state_dict(policy_model: nn.Module, head=None, include_shared: bool =
     """Policy (merged) + head weights, all under the names a serving engine loads."""
     state = merged_state_dict(policy_model)
     if head is not None:
-        state.update(head_engine_names(head, head.num_target_layers, include_shared))
+        model = policy_model.get_base_model() if hasattr(policy_model, "get_base_model") else policy_model
+        state.update(checkpoint_names(model, head_engine_names(head, head.num_target_layers, include_shared)))
     return state
 
 
