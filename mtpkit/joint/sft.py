@@ -206,7 +206,7 @@ def sft(cfg: SFTConfig, resume: bool = False, target: Target | None = None) -> d
                         **depth_metrics(sums, len(stats)),
                     },
                 )
-                bar.set_postfix(ce=f"{float(ce):.3f}")
+                bar.set_postfix(ce=f"{ce.item():.3f}")
             if held and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 head.eval()
                 last_eval = evaluate(policy, head, held, cfg)
