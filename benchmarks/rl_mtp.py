@@ -105,7 +105,7 @@ def run_sft(args) -> dict:
         data=SFTDataConfig(
             paths=[str(SHARED / "prompts" / "gsm8k_train.jsonl")],
             max_examples=args.sft_examples,
-            eval_examples=32,
+            eval_examples=16,
             batch_size=4,
             max_seq_len=384,
         ),
@@ -144,12 +144,12 @@ def main() -> None:
     p.add_argument("--model", default=EMBEDDED_ALIAS)
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "bench-joint")
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--rl-steps", type=int, default=6)
+    p.add_argument("--rl-steps", type=int, default=5)
     p.add_argument("--rl-prompts", type=int, default=256)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--prompts-per-step", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--sft-examples", type=int, default=1000)
     p.add_argument("--eval-sets", nargs="+", default=["gsm8k", "alpaca"])
     p.add_argument("--eval-prompts", type=int, default=10)
