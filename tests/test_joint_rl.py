@@ -152,19 +152,23 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_refills(tmp_path):
     assert out["stats"]["groups_sampled"] == 2 and len(out["groups"]) == 2
 
 
-def test_rl_run_with_speculative_rollouts(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])  # the KL reference: a frozen copy / adapters disabled
+def test_rl_run_with_speculative_rollouts(tmp_path, mode):
+    if mode == "lora":
+        pytest.importorskip("peft")
     cfg = RLConfig(
         model="tiny-llama",
         out=str(tmp_path / "run"),
         prompts=[str(_prompt_file(tmp_path))],
         head={"num_depths": 2},
-        policy=PolicyConfig(mode="full"),
+        policy=PolicyConfig(mode=mode),
         max_steps=2,
         progress=False,
     )
     cfg.rollout = RolloutConfig(enable_rollout=True, k=2, max_new_tokens=12)
     cfg.algo.group_size, cfg.algo.prompts_per_step, cfg.algo.minibatches = 3, 2, 2
-    cfg.algo.overlong_buffer = 4
+    cfg.algo.overlong_buffer, cfg.algo.beta = 4, 0.05
+    cfg.algo.mask_truncated = False  # a random tiny model rarely ends a completion: train on them all
     cfg.optim.lr = cfg.optim.head_lr = 1e-3
     result = rl(cfg, reward_fns=[_reward])
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -185,5 +189,10 @@ def test_rl_run_with_speculative_rollouts(tmp_path):
         ):
             assert math.isfinite(r[key]), key
         assert 1.0 <= r["rollout_tau"] <= 3.0
+        assert r["kl"] >= 0
+    kl = [h["kl"] for h in result["history"]]
+    assert 0 < kl[0] < kl[1], (
+        kl
+    )  # the policy starts at the reference and moves away (minibatch 2 of step 1 already has)
     assert (tmp_path / "run" / "tb").is_dir()
     load_target(result["model"])

@@ -234,7 +234,8 @@ def score(
     """Verifier rewards + soft overlong punishment, written into each completion."""
     for c, p in zip(completions, prompts, strict=True):
         c.text = tokenizer.decode(c.ids, skip_special_tokens=True)
-        c.reward = sum(f(p.prompt.turns[0], c.text, **p.fields) for f in rewards)
+        fields = {k: v for k, v in p.fields.items() if k not in ("prompt", "completion")}
+        c.reward = sum(f(p.prompt.turns[0], c.text, **fields) for f in rewards)
         if cfg.algo.overlong_buffer > 0:
             c.reward += overlong_penalty(len(c.ids), cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer)
 
