@@ -47,6 +47,8 @@ STEP_KEYS = (
     "truncated_frac",
     "rollout_tau",
     "rollout_accept_pos1",
+    "rollout_accept_pos2",
+    "rollout_accept_pos3",
     "rollout_tokens_per_s",
     "rollout_seconds",
     "step_seconds",
