@@ -185,6 +185,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _joint_parser(sub, name: str, help_text: str, description: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=description)
+    p.add_argument("--config", help="YAML config (see configs/joint/)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
+    p.add_argument("--out", help="run directory (same as out=...)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.set_defaults(func=_run_joint)
+
+
+def _run_joint(args: argparse.Namespace) -> int:
+    from mtpkit.config import load_config
+
+    if args.command == "sft":
+        from mtpkit.joint.sft import SFTConfig as cfg_cls
+        from mtpkit.joint.sft import sft as run
+    else:
+        from mtpkit.joint.rl import RLConfig as cfg_cls
+        from mtpkit.joint.rl import rl as run
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    result = run(load_config(cfg_cls, args.config, overrides), resume=args.resume)
+    print(f"model: {result['model']}\nhead:  {result['head']}  (step {result['step']})")
+    return 0
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -272,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     _collect_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    _joint_parser(
+        sub,
+        "sft",
+        "fine-tune the model (full / LoRA / QLoRA) and train its MTP head with it",
+        "SFT on chat data (loss on assistant tokens) + α · MTP loss from the same forward pass. "
+        "Writes out/model and out/head, ready for `mtpkit eval`. See docs/joint-training.md.",
+    )
+    _joint_parser(
+        sub,
+        "rl",
+        "GRPO / DAPO on verifiable rewards, training the MTP head online on the rollouts",
+        "GRPO with the DAPO refinements; rollout.enable_rollout=true generates the rollouts by speculative "
+        "decoding with the current MTP head and logs their acceptance. See docs/joint-training.md.",
+    )
     _demo_parser(sub)
     _export_parser(sub)
     _import_parser(sub)

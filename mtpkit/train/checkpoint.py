@@ -5,6 +5,7 @@
       optimizer.pt          optimizer + LR scheduler state
       trainer_state.json    step, data position, metrics so far
       rng.pt                torch and Python RNG states
+      trainable.safetensors the trained model weights, when the model is trained too (joint training)
     run/checkpoints/latest  name of the newest complete checkpoint
 
 Each checkpoint is written to a temporary directory and renamed; `latest` is updated after
@@ -25,6 +26,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import HeadError, check_target, read_head_config, save_head
 
 LATEST = "latest"
+TRAINABLE = "trainable.safetensors"
 
 
 class CheckpointError(MtpkitError, RuntimeError):
@@ -36,7 +38,15 @@ def checkpoint_dir(run: Path) -> Path:
 
 
 def save_checkpoint(
-    run: Path, step: int, head, target, optimizer, scheduler, state: dict, keep: int = 2
+    run: Path,
+    step: int,
+    head,
+    target,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int = 2,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     root = checkpoint_dir(run)
     root.mkdir(parents=True, exist_ok=True)
@@ -49,6 +59,10 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
     )
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    if tensors:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / TRAINABLE)
     (tmp / "trainer_state.json").write_text(json.dumps(dict(state, step=step), indent=1))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)

@@ -27,6 +27,73 @@ def depth_weights(num: int, weights: list[float] | None = None, decay: float = 1
     return [w / total for w in raw]
 
 
+def depth_losses(
+    head,
+    input_ids: torch.Tensor,
+    hidden: torch.Tensor,
+    loss_mask: torch.Tensor,
+    weights: list[float],
+    kind: str = "ce",
+    chunk_size: int = 1024,
+    depths: int | None = None,
+    features: torch.Tensor | None = None,
+):
+    """Weighted per-depth mean loss of a right-padded batch and per-depth stats (loss sum,
+    counts, hits [B, T], valid [B, T]); `hidden` is the target's final post-norm state, `features`
+    the other target layers a head reads instead (EAGLE-3).
+
+    Depth k, row i predicts t_{i+k+1} for every head family. A head may add: `output_layers(k)`
+    (its own LM head and the teacher's, e.g. a reduced vocabulary), `draft_labels` (target ids →
+    its ids, and which it can produce: others are misses, kept out of the loss), and per-row loss
+    weights returned beside its outputs (diffusion: only masked positions, schedule-weighted).
+    """
+    outs = head.forward_train(input_ids, features if features is not None else hidden, depths)
+    outs, row_weights = outs if isinstance(outs, tuple) else (outs, None)
+    total = hidden.new_zeros(())
+    stats = []
+    for k, h in enumerate(outs, start=1):
+        labels, valid = shifted_labels(input_ids, loss_mask, k)
+        student, teacher_head = (
+            head.output_layers(k) if hasattr(head, "output_layers") else (head.lm_head, None)
+        )
+        asked = valid if row_weights is None else valid & (row_weights[k - 1] > 0)
+        rows = asked
+        if hasattr(head, "draft_labels"):
+            labels, inside = head.draft_labels(labels)
+            rows = asked & inside
+        teacher = None
+        if kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
+            T = hidden.shape[1]
+            shifted = torch.zeros_like(hidden)
+            shifted[:, : T - k] = hidden[:, k:]
+            teacher = shifted[rows]
+        loss_sum, hit = lm_loss(
+            h[rows],
+            labels[rows],
+            student,
+            kind,
+            teacher,
+            chunk_size,
+            teacher_head,
+            None if row_weights is None else row_weights[k - 1][rows],
+        )
+        loss_count = int(rows.sum())
+        hits = torch.zeros_like(valid)
+        hits[rows] = hit
+        stats.append(
+            {
+                "loss_sum": loss_sum.detach(),
+                "count": int(asked.sum()),  # accuracy counts out-of-vocabulary labels as misses
+                "loss_count": loss_count,
+                "hits": hits,
+                "valid": valid,
+            }
+        )
+        if k <= len(weights):
+            total = total + weights[k - 1] * loss_sum / max(loss_count, 1)
+    return total, stats
+
+
 def shifted_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, depth: int):
     """Labels and validity for depth k (1-based): row i predicts t_{i+k+1}, trained where masked."""
     _B, T = input_ids.shape

@@ -29,7 +29,7 @@ from mtpkit.spec.evaluate import head_dir
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
-from mtpkit.train.losses import depth_weights, lm_loss, shifted_labels
+from mtpkit.train.losses import depth_losses, depth_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,58 +40,18 @@ class TrainingError(MtpkitError, RuntimeError):
 
 # ---------------------------------------------------------------------------- loss of one batch
 def batch_loss(head, batch: Batch, cfg: TrainConfig, weights: list[float], depths: int | None = None):
-    """Weighted per-depth loss of a batch, and per-depth stats (loss sum, count, hits [B, T]).
-
-    Depth k, row i predicts t_{i+k+1} for every head family. A head may add: `output_layers(k)`
-    (its own LM head and the teacher's, e.g. a reduced vocabulary), `draft_labels` (target ids →
-    its ids, and which it can produce: others are misses, kept out of the loss), and per-row loss
-    weights returned beside its outputs (diffusion: only masked positions, schedule-weighted).
-    """
-    inputs = batch.features if batch.features is not None else batch.hidden
-    outs = head.forward_train(batch.input_ids, inputs, depths)
-    outs, row_weights = outs if isinstance(outs, tuple) else (outs, None)
-    total = batch.hidden.new_zeros(())
-    stats = []
-    for k, h in enumerate(outs, start=1):
-        labels, valid = shifted_labels(batch.input_ids, batch.loss_mask, k)
-        student, teacher_head = (
-            head.output_layers(k) if hasattr(head, "output_layers") else (head.lm_head, None)
-        )
-        asked = valid if row_weights is None else valid & (row_weights[k - 1] > 0)
-        rows = asked
-        if hasattr(head, "draft_labels"):
-            labels, inside = head.draft_labels(labels)
-            rows = asked & inside
-        teacher = None
-        if cfg.loss.kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
-            T = batch.hidden.shape[1]
-            shifted = torch.zeros_like(batch.hidden)
-            shifted[:, : T - k] = batch.hidden[:, k:]
-            teacher = shifted[rows]
-        loss_sum, hit = lm_loss(
-            h[rows],
-            labels[rows],
-            student,
-            cfg.loss.kind,
-            teacher,
-            cfg.loss.chunk_size,
-            teacher_head,
-            None if row_weights is None else row_weights[k - 1][rows],
-        )
-        loss_count = int(rows.sum())
-        hits = torch.zeros_like(valid)
-        hits[rows] = hit
-        stats.append(
-            {
-                "loss_sum": loss_sum.detach(),
-                "count": int(asked.sum()),  # accuracy counts out-of-vocabulary labels as misses
-                "loss_count": loss_count,
-                "hits": hits,
-                "valid": valid,
-            }
-        )
-        if k <= len(weights):
-            total = total + weights[k - 1] * loss_sum / max(loss_count, 1)
+    """Weighted per-depth loss of a batch, and per-depth stats (see `depth_losses`)."""
+    total, stats = depth_losses(
+        head,
+        batch.input_ids,
+        batch.hidden,
+        batch.loss_mask,
+        weights,
+        cfg.loss.kind,
+        cfg.loss.chunk_size,
+        depths,
+        batch.features,
+    )
     return total * cfg.loss.scaling_factor, stats
 
 

@@ -1,0 +1,241 @@
+"""`mtpkit sft`: fine-tune the model (full / LoRA / QLoRA) and train its MTP head in the same pass.
+
+Loss = CE on assistant tokens + α · MTP loss, where the MTP head reads the hidden states of the
+same forward pass (no second forward). Model and head are clipped separately; by default the
+MTP loss is detached from the model, so the fine-tuned model is the one plain SFT would give.
+Writes `out/model` (merged HF directory, or a peft adapter with `save_merged: false`) and
+`out/head` (a native head directory for `mtpkit eval` / `mtpkit export`); checkpoints resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mtpkit.config import to_dict
+from mtpkit.errors import MtpkitError
+from mtpkit.heads import build_head, load_head, save_head
+from mtpkit.joint.data import Batches, collate, load_sft_examples
+from mtpkit.joint.mtp_loss import MTPLossConfig, mtp_loss_from_config, warn_if_undetached
+from mtpkit.joint.policy import (
+    JointOptimConfig,
+    Policy,
+    PolicyConfig,
+    clip_separately,
+    make_optimizer,
+    policy_forward,
+    prepare_policy,
+    save_policy,
+)
+from mtpkit.models import Target, load_target
+from mtpkit.train.checkpoint import TRAINABLE, latest_checkpoint, load_checkpoint, save_checkpoint
+from mtpkit.train.losses import lm_loss, shifted_labels
+from mtpkit.train.trainer import MetricsLogger, add_depth_stats, depth_metrics, simulated_tau
+
+log = logging.getLogger(__name__)
+
+
+class SFTError(MtpkitError, RuntimeError):
+    pass
+
+
+@dataclass
+class SFTDataConfig:
+    paths: list[str] = field(default_factory=list)  # SFT records (see mtpkit.joint.data)
+    max_seq_len: int = 1024
+    batch_size: int = 4
+    system_prompt: str | None = None
+    max_examples: int | None = None
+    eval_examples: int = 16  # the first N examples are held out
+
+
+@dataclass
+class SFTConfig:
+    model: str = "smollm2-135m-instruct"
+    out: str = "runs/sft"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    head_type: str = "mtp"
+    head: dict = field(default_factory=dict)  # head family config (e.g. num_depths)
+    init_head: str | None = None  # start from a trained head directory
+    mtp: MTPLossConfig = field(default_factory=MTPLossConfig)
+    optim: JointOptimConfig = field(default_factory=JointOptimConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    max_steps: int = 100
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 50
+    simulate_k: int = 3
+    save_merged: bool = True  # false: write the peft adapter only (lora / qlora)
+    progress: bool = True
+
+
+def joint_loss(policy: Policy, head, ids, mask, mtp_cfg: MTPLossConfig, chunk_size: int = 1024):
+    """CE on masked tokens + α · MTP from one forward pass; returns (loss, ce, mtp stats, top-1 hits)."""
+    hidden = policy_forward(policy, ids)
+    labels, valid = shifted_labels(ids, mask, 0)
+    ce_sum, hit = lm_loss(hidden[valid], labels[valid], policy.target.lm_head, "ce", None, chunk_size)
+    ce = ce_sum / max(int(valid.sum()), 1)
+    loss, stats = ce, []
+    if mtp_cfg.active:
+        mtp, stats = mtp_loss_from_config(head, hidden, ids, mask, mtp_cfg)
+        loss = ce + mtp_cfg.scaling_factor * mtp
+    return loss, ce, stats, hit
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, head, examples, cfg: SFTConfig) -> dict:
+    sums: dict[str, float] = {"ce_sum": 0.0, "ce_count": 0.0, "hits": 0.0}
+    eval_mtp = MTPLossConfig(**{**to_dict(cfg.mtp), "enabled": True, "scaling_factor": 1.0})
+    for start in range(0, len(examples), cfg.data.batch_size):
+        ids, mask = collate(examples[start : start + cfg.data.batch_size])
+        _, ce, stats, hit = joint_loss(policy, head, ids, mask, eval_mtp)
+        sums["ce_sum"] += float(ce) * len(hit)
+        sums["ce_count"] += len(hit)
+        sums["hits"] += float(hit.sum())
+        add_depth_stats(sums, stats)
+        for K, (acc, rows) in simulated_tau(stats, cfg.simulate_k).items():
+            sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
+            sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
+    n = max(sums["ce_count"], 1.0)
+    metrics = {
+        "ce": sums["ce_sum"] / n,
+        "acc": sums["hits"] / n,
+        **depth_metrics(sums, head.cfg.train_depths),
+    }
+    for K in range(1, cfg.simulate_k + 1):
+        if sums.get(f"tau_rows_k{K}"):
+            metrics[f"sim_tau_k{K}"] = sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
+    return metrics
+
+
+def _build_head(cfg_head: dict, head_type: str, init_head: str | None, target: Target):
+    return load_head(init_head, target) if init_head else build_head(target, head_type, cfg_head)
+
+
+def resume_state(run: Path, head, target, optimizer, scheduler, policy: Policy) -> dict | None:
+    """Restore the newest checkpoint of `run` (head, optimizer, RNG, model weights) or None."""
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return None
+    state = load_checkpoint(ckpt, head, target, optimizer, scheduler)
+    if (ckpt / TRAINABLE).is_file():
+        missing = set(policy.named_trainable()) - set(load_file(str(ckpt / TRAINABLE)))
+        if missing:
+            raise SFTError(f"{ckpt / TRAINABLE}: lacks trained weights {sorted(missing)[:3]}...")
+        policy.model.load_state_dict(load_file(str(ckpt / TRAINABLE)), strict=False)
+    log.info("resumed %s at step %d", ckpt, state["step"])
+    return state
+
+
+def sft(cfg: SFTConfig, resume: bool = False, target: Target | None = None) -> dict:
+    run = Path(cfg.out)
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise SFTError(f"{run}: run directory is not empty; pass --resume or choose another --out")
+    if not cfg.data.paths:
+        raise SFTError("set data.paths: SFT record files (JSONL with answers, e.g. GSM8K train)")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    target = target or load_target(cfg.model)
+    target.identity()  # of the base model, before it changes
+    tok = target.tokenizer
+    eos = target.eos_token_ids[0]
+    examples = load_sft_examples(
+        cfg.data.paths, tok, eos, cfg.data.max_seq_len, cfg.data.system_prompt, cfg.data.max_examples
+    )
+    held, train_examples = examples[: cfg.data.eval_examples], examples[cfg.data.eval_examples :]
+    if len(train_examples) < cfg.data.batch_size:
+        raise SFTError(f"{cfg.data.paths}: {len(train_examples)} training examples, fewer than one batch")
+    head = _build_head(cfg.head, cfg.head_type, cfg.init_head, target)  # before quantization
+    policy = prepare_policy(target, cfg.policy)
+    head.train()
+    warn_if_undetached(cfg.mtp)
+    o = cfg.optim
+    optimizer = make_optimizer(policy, head, o.lr, o.head_lr, o.betas, o.weight_decay)
+    warm = max(o.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    batches = Batches(train_examples, cfg.data.batch_size, cfg.seed)
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = MetricsLogger(run)
+    step = 0
+    state = resume_state(run, head, target, optimizer, scheduler, policy) if resume else None
+    if state is not None:
+        step = state["step"]
+        batches.load_state_dict(state["data"])
+        logger.truncate_after(step)
+    last_eval: dict = {}
+    if held and step == 0:  # the starting point: the base model and the untrained head
+        logger.log(0, "eval", evaluate(policy, head, held, cfg))
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress or None)
+    try:
+        while step < cfg.max_steps:
+            ids, mask = collate(batches.next())
+            optimizer.zero_grad(set_to_none=True)
+            loss, ce, stats, hit = joint_loss(policy, head, ids, mask, cfg.mtp)
+            if not math.isfinite(loss.item()):
+                raise SFTError(f"step {step + 1}: loss is {loss.item()}; lower optim.lr")
+            loss.backward()
+            gn_model, gn_head = clip_separately(optimizer, (o.grad_clip, o.head_grad_clip))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                sums: dict[str, float] = {}
+                add_depth_stats(sums, stats)
+                logger.log(
+                    step,
+                    "train",
+                    {
+                        "loss": loss.item(),
+                        "ce": ce.item(),
+                        "acc": float(hit.float().mean()),
+                        "grad_norm_model": gn_model,
+                        "grad_norm_head": gn_head,
+                        **depth_metrics(sums, len(stats)),
+                    },
+                )
+                bar.set_postfix(ce=f"{ce.item():.3f}")
+            if held and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                head.eval()
+                last_eval = evaluate(policy, head, held, cfg)
+                head.train()
+                logger.log(step, "eval", last_eval)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(
+                    run,
+                    step,
+                    head,
+                    target,
+                    optimizer,
+                    scheduler,
+                    {"data": batches.state_dict()},
+                    tensors=policy.named_trainable(),
+                )
+    finally:
+        bar.close()
+        logger.close()
+    head.eval()
+    merged = cfg.save_merged or policy.peft_model is None
+    model_dir = save_policy(policy, run / "model", merged=merged)
+    # The head is saved for the fine-tuned model, so `mtpkit eval --model out/model` accepts it.
+    head_target = load_target(model_dir) if merged else target
+    save_head(head, run / "head", head_target)
+    return {
+        "run": str(run),
+        "model": str(model_dir),
+        "head": str(run / "head"),
+        "step": step,
+        "eval": last_eval,
+    }
