@@ -2,6 +2,9 @@
 
 Both sources hand the trainer right-padded `Batch`es and expose their position as a small
 state dict, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+Under data parallelism (`shard` = (rank, ranks)) every rank plans the same global batches and
+collates only its part of each (mtpkit.distributed.sampler); the position is global, so a run
+resumes at another world size on the same data.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from mtpkit.data.collect import CollectConfig, generate_conversations, stream_items, teacher_forced_hidden
 from mtpkit.data.store import Sample, Store
+from mtpkit.distributed.sampler import rank_batch
 from mtpkit.errors import MtpkitError
 from mtpkit.models import Target
 
@@ -49,6 +53,13 @@ def collate(samples: list[Sample], max_seq_len: int, layer: int = -1) -> Batch:
     return Batch(ids, mask, hidden)
 
 
+def masked_out(batch: Batch, padding: bool) -> Batch:
+    """A padding batch (a rank with no samples of this global batch) contributes no labels."""
+    if padding:
+        batch.loss_mask.zero_()
+    return batch
+
+
 def plan_batches(lengths: dict[int, int], seed: int, epoch: int, token_budget: int) -> list[list[int]]:
     """One epoch of batches: shuffled, grouped by length, each within batch x longest <= budget."""
     rng = random.Random(seed * 1_000_003 + epoch)
@@ -80,10 +91,12 @@ class StoreSource:
         eval_fraction: float,
         eval_max_samples: int,
         seed: int,
+        shard: tuple[int, int] = (0, 1),
     ):
         if len(store) == 0:
             raise DataError(f"{store.root}: the store holds no samples; run `mtpkit collect` first")
         self.store, self.token_budget, self.max_seq_len, self.seed = store, token_budget, max_seq_len, seed
+        self.shard = shard
         self.layer = store.layers.index(store.manifest["model"]["num_layers"])
         self.lengths = [min(n, max_seq_len) for n in store.sample_lengths()]
         order = list(range(len(store)))
@@ -100,12 +113,16 @@ class StoreSource:
             self._plan = plan_batches(self.train_lengths, self.seed, self.epoch, self.token_budget)
         ids = self._plan[self.index]
         self.index += 1
-        return collate([self.store[i] for i in ids], self.max_seq_len, self.layer)
+        return self._collate(ids)
+
+    def _collate(self, ids: list[int]) -> Batch:
+        mine, padding = rank_batch(ids, *self.shard)
+        return masked_out(collate([self.store[i] for i in mine], self.max_seq_len, self.layer), padding)
 
     def eval_batches(self) -> list[Batch]:
         lengths = {i: self.lengths[i] for i in self.eval_indices}
         plan = plan_batches(lengths, self.seed, -1, self.token_budget) if lengths else []
-        return [collate([self.store[i] for i in ids], self.max_seq_len, self.layer) for ids in plan]
+        return [self._collate(ids) for ids in plan]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -122,7 +139,7 @@ class OnlineSource:
     unshuffled stream are held out for evaluation and never trained on.
     """
 
-    def __init__(self, target: Target, online, max_seq_len: int, seed: int):
+    def __init__(self, target: Target, online, max_seq_len: int, seed: int, shard: tuple[int, int] = (0, 1)):
         if not online.prompts:
             raise DataError("data.online.prompts is empty: give prompt or corpus files")
         self.target, self.cfg, self.seed = target, online, seed
@@ -147,7 +164,7 @@ class OnlineSource:
                 f"online data has {len(items)} items, not more than eval_samples={online.eval_samples}"
             )
         self.eval_items, self.items = items[: online.eval_samples], items[online.eval_samples :]
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.shard = max_seq_len, shard
         self.epoch, self.index = 0, 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -157,6 +174,9 @@ class OnlineSource:
         return order
 
     def _make(self, items, seed: int) -> Batch:
+        """This rank's part of a global batch of `items`: answered, run through the target, collated."""
+        mine, padding = rank_batch(list(range(len(items))), *self.shard)
+        items = [items[i] for i in mine]
         if self.cfg.mode == "generate":
             seqs, _, _ = generate_conversations(self.target, self.collect_cfg, items, seed)
         else:
@@ -168,7 +188,7 @@ class OnlineSource:
         samples = [
             Sample(torch.tensor(ids), torch.tensor(m), h) for (ids, m, _), h in zip(seqs, hidden, strict=True)
         ]
-        return collate(samples, self.max_seq_len)
+        return masked_out(collate(samples, self.max_seq_len), padding)
 
     def next_batch(self) -> Batch:
         order = self._order(self.epoch)

@@ -71,7 +71,9 @@ def lm_loss(
         raise ValueError(f"loss kind {kind!r} needs the target's hidden states (teacher_hidden)")
     total = hidden.new_zeros((), dtype=torch.float32)
     hits = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    # At least one (possibly empty) chunk: a rank without labels still backpropagates zeros
+    # through the whole head, so its data-parallel gradient collectives match the other ranks'.
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):
         sl = slice(start, start + chunk_size)
         teacher = teacher_hidden[sl] if teacher_hidden is not None else None
         args = (hidden[sl], lm_head.weight, lm_head.bias, labels[sl], teacher, kind)
