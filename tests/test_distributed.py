@@ -248,3 +248,24 @@ def test_save_at_2_resume_at_1_and_save_at_1_resume_at_2(tmp_path, store):
         == 0
     )
     assert_same_head(tmp_path / "b", tmp_path / "exported", atol=0)
+
+
+def test_online_dp2_tp2_mesh_matches_one_process(tmp_path):
+    """Online mode on a (dp=2, tp=2) mesh of 4 ranks: the target sharded over tp, the batch over dp."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"{w} abcdefg" for w in range(300)))
+    online = {
+        "prompts": [str(corpus)],
+        "mode": "corpus",
+        "sample_size": 24,
+        "batch_size": 4,
+        "eval_samples": 4,
+    }
+    kw = {"data": {"online": online}, "max_steps": 5, "eval_every": 5, "save_every": 5}
+    run_training(_cfg(None, tmp_path / "one", **kw), 1)
+    run_training(_cfg(None, tmp_path / "four", distributed={"tp": 2}, **kw), 4)
+    assert_same_curve(tmp_path / "one", tmp_path / "four")
+    assert_same_head(tmp_path / "one", tmp_path / "four")
+    # The head is sharded over all 4 ranks (tp ranks included), so each wrote a shard.
+    state = tmp_path / "four" / "checkpoints" / "step-000005" / "state"
+    assert len(list(state.glob("__*_0.distcp"))) == 4

@@ -1,6 +1,6 @@
 """Data parallelism for the head: FSDP2 (`fully_shard`) with a mixed-precision policy, or replication.
 
-FSDP2 shards parameters, gradients and optimizer state over the dp mesh dimension. Each
+FSDP2 shards parameters, gradients and optimizer state over every rank (`Parallel.head_mesh`). Each
 decoder layer inside the head (a transformers `GradientCheckpointingLayer`, the bulk of the
 parameters) is its own unit, all-gathered just before it runs and freed after; the small rest
 (norms, eh_proj) is the root unit, whole for the duration of forward and backward. That needs
@@ -24,14 +24,16 @@ from mtpkit.distributed.mesh import Parallel
 
 
 def shard_head(head: nn.Module, par: Parallel, precision: str) -> nn.Module:
-    """Place the head on this rank's device and shard (or replicate) it over the dp ranks."""
+    """Place the head on this rank's device and shard (or replicate) it over all ranks.
+
+    All ranks, not only the dp ranks: see `Parallel.head_mesh`.
+    """
     head.to(par.device)
-    if par.dp == 1:
+    if not par.enabled:
         return head
-    group = par.mesh["dp"].get_group()
     if par.cfg.data_parallel == "replicate":
         for tensor in list(head.parameters()) + list(head.buffers()):  # identical start everywhere
-            dist.broadcast(tensor.data, src=dist.get_global_rank(group, 0), group=group)
+            dist.broadcast(tensor.data, src=0)
         return head
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -41,8 +43,8 @@ def shard_head(head: nn.Module, par: Parallel, precision: str) -> nn.Module:
     if not _reuses_layers(head):
         for module in head.modules():
             if isinstance(module, GradientCheckpointingLayer):
-                fully_shard(module, mesh=par.mesh["dp"], mp_policy=mp)
-    fully_shard(head, mesh=par.mesh["dp"], mp_policy=mp)
+                fully_shard(module, mesh=par.head_mesh, mp_policy=mp)
+    fully_shard(head, mesh=par.head_mesh, mp_policy=mp)
     register_fsdp_forward_method(head, "forward_train")  # the trainer's entry point, not forward()
     return head
 
@@ -57,14 +59,14 @@ def _reuses_layers(head: nn.Module) -> bool:
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, par: Parallel) -> float:
     """Synchronise gradients where FSDP does not, clip them, and return the global norm."""
-    if par.dp > 1 and par.cfg.data_parallel == "replicate":
+    if par.enabled and par.cfg.data_parallel == "replicate":
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=par.mesh["dp"].get_group())  # gloo has no AVG
-        flat /= par.dp
+        dist.all_reduce(flat)  # gloo has no AVG
+        flat /= par.world
         for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
             g.copy_(synced)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the dp mesh
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the head mesh
         norm = norm.full_tensor()
     return float(norm)

@@ -54,6 +54,7 @@ class Parallel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh with dims ("dp", "tp")
     owns_group: bool = False  # this object started the process group (and ends it in `close`)
+    _head_mesh: object | None = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -70,6 +71,22 @@ class Parallel:
     @property
     def dp_rank(self) -> int:
         return self.rank // self.tp
+
+    @property
+    def head_mesh(self):
+        """A 1-D mesh of every rank: the head is sharded over all of them, tp ranks included.
+
+        The tp ranks of a group train on the same data, so their gradients are equal and the
+        average over all ranks is the average over dp groups; sharding over the whole world
+        divides the head's memory by the world size rather than by dp alone.
+        """
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if self._head_mesh is None:
+            self._head_mesh = DeviceMesh.from_group(
+                dist.group.WORLD, self.device.type, mesh_dim_names=("world",)
+            )
+        return self._head_mesh
 
     @property
     def is_main(self) -> bool:
