@@ -227,7 +227,7 @@ def test_torchrun_two_processes_match_one(tmp_path, store):
 
 
 def test_save_at_2_resume_at_1_and_save_at_1_resume_at_2(tmp_path, store):
-    """Repeated-layer mode (one FSDP unit), cosine schedule: the curve continues exactly."""
+    """Repeated-layer mode (one FSDP unit; then replication), cosine schedule: the curve continues."""
     run_training(_cfg(store, tmp_path / "ref"), 1)
     run_training(_cfg(store, tmp_path / "a"), 2, stop_after=4)
     assert len(_records(tmp_path / "a")) == 4
@@ -236,7 +236,7 @@ def test_save_at_2_resume_at_1_and_save_at_1_resume_at_2(tmp_path, store):
     assert_same_head(tmp_path / "ref", tmp_path / "a")
 
     run_training(_cfg(store, tmp_path / "b"), 1, stop_after=4)
-    run_training(_cfg(store, tmp_path / "b"), 2, resume=True)
+    run_training(_cfg(store, tmp_path / "b", distributed={"data_parallel": "replicate"}), 2, resume=True)
     assert_same_curve(tmp_path / "ref", tmp_path / "b")
     assert_same_head(tmp_path / "ref", tmp_path / "b")
 
