@@ -158,4 +158,6 @@ def init_parallel(cfg: DistributedConfig | None = None) -> Parallel:
     mesh = init_device_mesh(device.type, (world // cfg.tp, cfg.tp), mesh_dim_names=("dp", "tp"))
     if rank == 0:
         log.info("%d processes (%s): dp=%d x tp=%d", world, backend, world // cfg.tp, cfg.tp)
+    else:  # one console: other ranks report only problems
+        logging.getLogger("mtpkit").setLevel(logging.WARNING)
     return Parallel(cfg, rank, world, device, mesh, owns)
