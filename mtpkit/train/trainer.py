@@ -335,7 +335,8 @@ def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
                 t_last, tokens_last = now, tokens_seen
             if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 head.eval()
-                last_eval = evaluate(head, eval_batches, cfg, weights, par.reduce_sums)
+                with autocast:  # the training precision (FSDP's bf16 parameters need it)
+                    last_eval = evaluate(head, eval_batches, cfg, weights, par.reduce_sums)
                 head.train()
                 logger.log(step, "eval", last_eval)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
