@@ -24,6 +24,7 @@ from mtpkit.data.store import Store
 from mtpkit.distributed import init_parallel
 from mtpkit.distributed.checkpoint import export_head
 from mtpkit.distributed.fsdp import clip_grad_norm, shard_head
+from mtpkit.distributed.sampler import global_label_counts
 from mtpkit.distributed.tensor_parallel import parallelize_target
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, load_head
@@ -120,17 +121,6 @@ def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float],
         if sums.get(f"tau_rows_k{K}"):
             metrics[f"sim_tau_k{K}"] = sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
     return metrics
-
-
-def global_counts(batch: Batch, depths: int, par) -> list[int] | None:
-    """Per-depth label counts of the global batch (None in a single process: the batch is global)."""
-    if par.dp == 1:
-        return None
-    local = {
-        f"{k:03d}": int(shifted_labels(batch.input_ids, batch.loss_mask, k)[1].sum())
-        for k in range(1, depths + 1)
-    }
-    return [int(v) for _, v in sorted(par.reduce_sums(local).items())]
 
 
 # ---------------------------------------------------------------------------- logging
@@ -294,7 +284,7 @@ def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
             loss_value, stats_sum, step_tokens = 0.0, {}, 0
             for _ in range(cfg.optim.grad_accum):
                 batch = par.to_device(source.next_batch())
-                counts = global_counts(batch, head.cfg.train_depths, par)
+                counts = global_label_counts(batch, head.cfg.train_depths, par)
                 with autocast:
                     loss, stats = batch_loss(head, batch, cfg, weights, counts=counts)
                 # Data-parallel gradients are averaged over dp ranks; each loss is a share of the sum.
