@@ -68,10 +68,12 @@ def _worker(rank: int, world: int, port: int, threads: int, cfg_dict: dict, repo
     start = time.perf_counter()
     trainer_mod.train(from_dict(TrainConfig, cfg_dict), target=load_target(MODEL))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    status = Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]
     Path(f"{report}.rank{rank}").write_text(
         json.dumps(
             {
                 "peak_rss_mib": rss,
+                "end_rss_mib": int(status) / 1024,
                 "target_mib": target_bytes["after"] / 2**20,
                 "wall_s": time.perf_counter() - start,
             }
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--token-budget", type=int, default=1024)
     p.add_argument("--online-steps", type=int, default=4)
+    p.add_argument("--online-only", action="store_true", help="keep --out's throughput rows, redo memory")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distributed_scaling.json")
     args = p.parse_args()
     if not (args.store / "manifest.json").is_file():
@@ -126,13 +129,17 @@ def main() -> None:
         "data": {"store": str(args.store), "token_budget": args.token_budget, "eval_max_samples": 8},
         "optim": {"lr": 2e-3, "warmup_steps": 4},
     }
-    rows = []
-    for name, world, threads, dp in [
-        ("1 process x 1 thread", 1, 1, "fsdp"),
-        ("1 process x 2 threads", 1, 2, "fsdp"),
-        ("2 processes x 1 thread, FSDP2", 2, 1, "fsdp"),
-        ("2 processes x 1 thread, replicate", 2, 1, "replicate"),
-    ]:
+    rows = json.loads(args.out.read_text())["throughput"] if args.online_only else []
+    for name, world, threads, dp in (
+        []
+        if args.online_only
+        else [
+            ("1 process x 1 thread", 1, 1, "fsdp"),
+            ("1 process x 2 threads", 1, 2, "fsdp"),
+            ("2 processes x 1 thread, FSDP2", 2, 1, "fsdp"),
+            ("2 processes x 1 thread, replicate", 2, 1, "replicate"),
+        ]
+    ):
         run = args.runs / name.replace(" ", "_").replace(",", "")
         ranks = launch(world, threads, dict(base, out=str(run), distributed={"data_parallel": dp}))
         tps = steady_tokens_per_s(run, args.warmup)
@@ -171,6 +178,7 @@ def main() -> None:
                 "config": name,
                 "tp": tp,
                 "peak_rss_mib_per_rank": [round(r["peak_rss_mib"]) for r in ranks],
+                "end_rss_mib_per_rank": [round(r["end_rss_mib"]) for r in ranks],
                 "target_param_mib_per_rank": [round(r["target_mib"], 1) for r in ranks],
             }
         )
@@ -183,9 +191,11 @@ def main() -> None:
     print("\n| config | tokens/s | peak RSS per rank (MiB) |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib_per_rank']} |")
-    print("\n| online mode | target params per rank (MiB) | peak RSS per rank (MiB) |\n| --- | --- | --- |")
+    print("\n| online mode | target params per rank (MiB) | peak RSS per rank (MiB) | RSS at the end (MiB) |")
+    print("| --- | --- | --- | --- |")
     for r in mem:
-        print(f"| {r['config']} | {r['target_param_mib_per_rank']} | {r['peak_rss_mib_per_rank']} |")
+        cells = [r["target_param_mib_per_rank"], r["peak_rss_mib_per_rank"], r["end_rss_mib_per_rank"]]
+        print(f"| {r['config']} | " + " | ".join(map(str, cells)) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
