@@ -20,12 +20,14 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 from test_train import periodic_store
+from transformers import AutoConfig
 
 from mtpkit.config import from_dict
 from mtpkit.distributed import DistributedConfig, Parallel
 from mtpkit.distributed.checkpoint import main as export_main
+from mtpkit.distributed.mesh import DistributedError
 from mtpkit.distributed.sampler import rank_batch
-from mtpkit.distributed.tensor_parallel import dense_plan, hf_layer_plan, parallelize_target
+from mtpkit.distributed.tensor_parallel import dense_plan, hf_layer_plan, layer_plan, parallelize_target
 from mtpkit.models import load_target
 from mtpkit.train import trainer as trainer_mod
 from mtpkit.train.config import TrainConfig
@@ -171,6 +173,9 @@ def test_dense_plans_agree_with_transformers_tp_plan():
         "C", (), {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
     )
     assert set(dense_plan(smollm2_like, 2)) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    # MoE / MLA families need a plan of their own; until one is registered, tp > 1 is refused.
+    with pytest.raises(DistributedError, match="no tensor-parallel plan for model_type 'deepseek_v3'"):
+        layer_plan(AutoConfig.for_model("deepseek_v3"), 2)
 
 
 def _tp_worker(rank: int, world: int) -> None:
