@@ -66,17 +66,19 @@ class _Stop(Exception):
 
 
 def _train_worker(rank: int, world: int, cfg_dict: dict, resume: bool, stop_after: int | None) -> None:
-    if stop_after is not None:  # as if killed right after that checkpoint, on every rank
-        real_save = trainer_mod.save_checkpoint
+    real_save = trainer_mod.save_checkpoint
 
-        def save_then_stop(run, step, *args, **kwargs):
-            real_save(run, step, *args, **kwargs)
-            if step == stop_after:
-                raise _Stop
+    def save_then_stop(run, step, *args, **kwargs):  # as if killed right after that checkpoint
+        real_save(run, step, *args, **kwargs)
+        if step == stop_after:
+            raise _Stop
 
-        trainer_mod.save_checkpoint = save_then_stop
-    with contextlib.suppress(_Stop):
-        train(from_dict(TrainConfig, cfg_dict), resume=resume, target=load_target(cfg_dict["model"]))
+    trainer_mod.save_checkpoint = save_then_stop
+    try:  # world 1 runs in the test process itself: undo the patch
+        with contextlib.suppress(_Stop):
+            train(from_dict(TrainConfig, cfg_dict), resume=resume, target=load_target(cfg_dict["model"]))
+    finally:
+        trainer_mod.save_checkpoint = real_save
 
 
 def run_training(cfg: dict, world: int, resume: bool = False, stop_after: int | None = None) -> None:
