@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,27 +38,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- launching workers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-    )
+def _entry(rank: int, world: int, store: str, fn, args) -> None:
+    # A file rendezvous: no port to race for with other test runs on the machine. The trainer
+    # joins this process group as it would join torchrun's.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    fn(rank, world, *args)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def spawn(fn, world: int, *args) -> None:
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(world, f"{tmp}/store", fn, args), nprocs=world, join=True)
 
 
 class _Stop(Exception):
@@ -183,7 +177,6 @@ def test_dense_plans_agree_with_transformers_tp_plan():
 def _tp_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.distributed.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
     par = Parallel(DistributedConfig(tp=world), rank, world, torch.device("cpu"), mesh)
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -197,7 +190,6 @@ def _tp_worker(rank: int, world: int) -> None:
         assert local.shape[0] == q_rows // world  # really sharded
         torch.testing.assert_close(target.hidden_states(ids, layers=[1, target.num_layers]), ref)
         assert torch.equal(target.model.generate(ids, max_new_tokens=6, do_sample=False), ref_gen)
-    torch.distributed.destroy_process_group()
 
 
 def test_tp2_target_hidden_states_equal_unsharded():
@@ -211,14 +203,7 @@ def test_torchrun_two_processes_match_one(tmp_path, store):
     run_training(_cfg(store, tmp_path / "one", **kw), 1)
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(_cfg(store, tmp_path / "two", **kw)))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-port",
-        str(_free_port()),
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd += ["-m", "mtpkit.cli", "train", "--config", str(config)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
