@@ -9,8 +9,8 @@ Run from the repository root (it loads the real model, so take the machine-wide 
    threads, and by two gloo processes with 1 thread each, the head sharded with FSDP2 or
    replicated. Loss-masked tokens per second over the steps after the first `--warmup` steps.
 2. Memory: online mode (the target runs in the loop on windows of a text corpus) in one
-   process, and in two processes with the target tensor-parallel (tp = 2); peak RSS per rank
-   and the target's parameter bytes held per rank.
+   process, and in two processes with the target tensor-parallel (tp = 2, each rank loading
+   only its shards); peak RSS per rank, RSS at the end, and the target's parameter bytes per rank.
 
 Prints tables and writes JSON to benchmarks/results/distributed_scaling.json.
 """
@@ -51,22 +51,21 @@ def _worker(rank: int, world: int, port: int, threads: int, cfg_dict: dict, repo
     )
     torch.set_num_threads(threads)
     from mtpkit.config import from_dict
-    from mtpkit.models import load_target
     from mtpkit.train import trainer as trainer_mod
     from mtpkit.train.config import TrainConfig
 
     target_bytes = {}
-    real = trainer_mod.parallelize_target
+    real = trainer_mod.load_parallel_target
 
-    def measured(target, par):  # the target's parameter bytes this rank holds, after sharding
-        out = real(target, par)
+    def measured(spec, par):  # the target's parameter bytes this rank holds
+        target = real(spec, par)
         local = [p.to_local() if hasattr(p, "to_local") else p for p in target.model.parameters()]
         target_bytes["after"] = sum(t.numel() * t.element_size() for t in local)
-        return out
+        return target
 
-    trainer_mod.parallelize_target = measured
+    trainer_mod.load_parallel_target = measured
     start = time.perf_counter()
-    trainer_mod.train(from_dict(TrainConfig, cfg_dict), target=load_target(MODEL))
+    trainer_mod.train(from_dict(TrainConfig, cfg_dict))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     status = Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]
     Path(f"{report}.rank{rank}").write_text(

@@ -27,8 +27,15 @@ from mtpkit.distributed import DistributedConfig, Parallel
 from mtpkit.distributed.checkpoint import main as export_main
 from mtpkit.distributed.mesh import DistributedError
 from mtpkit.distributed.sampler import rank_batch
-from mtpkit.distributed.tensor_parallel import dense_plan, hf_layer_plan, layer_plan, parallelize_target
+from mtpkit.distributed.tensor_parallel import (
+    dense_plan,
+    hf_layer_plan,
+    layer_plan,
+    load_parallel_target,
+    parallelize_target,
+)
 from mtpkit.models import load_target
+from mtpkit.models.tiny import build_tiny
 from mtpkit.train import trainer as trainer_mod
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import StoreSource, plan_batches
@@ -174,26 +181,33 @@ def test_dense_plans_agree_with_transformers_tp_plan():
         layer_plan(AutoConfig.for_model("deepseek_v3"), 2)
 
 
-def _tp_worker(rank: int, world: int) -> None:
+def _tp_worker(rank: int, world: int, saved: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
     par = Parallel(DistributedConfig(tp=world), rank, world, torch.device("cpu"), mesh)
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    for spec in ("tiny-llama", "tiny-qwen2"):
-        target = load_target(spec)
-        ref = target.hidden_states(ids, layers=[1, target.num_layers])
-        ref_gen = target.model.generate(ids, max_new_tokens=6, do_sample=False)
-        q_rows = target.backbone.layers[0].self_attn.q_proj.weight.shape[0]
-        parallelize_target(target, par)
+    for spec in ("tiny-llama", "tiny-qwen2", saved):
+        whole = load_target(spec)
+        ref = whole.hidden_states(ids, layers=[1, whole.num_layers])
+        ref_gen = whole.model.generate(ids, max_new_tokens=6, do_sample=False)
+        q_rows = whole.backbone.layers[0].self_attn.q_proj.weight.shape[0]
+        # Split after loading (tiny models), or loaded shard by shard from safetensors (a saved dir).
+        target = (
+            load_parallel_target(spec, par) if spec == saved else parallelize_target(load_target(spec), par)
+        )
+        assert target.identity() == whole.identity()
         local = target.backbone.layers[0].self_attn.q_proj.weight.to_local()
         assert local.shape[0] == q_rows // world  # really sharded
         torch.testing.assert_close(target.hidden_states(ids, layers=[1, target.num_layers]), ref)
         assert torch.equal(target.model.generate(ids, max_new_tokens=6, do_sample=False), ref_gen)
 
 
-def test_tp2_target_hidden_states_equal_unsharded():
-    spawn(_tp_worker, 2)
+def test_tp2_target_hidden_states_equal_unsharded(tmp_path):
+    model, tokenizer = build_tiny("llama", seed=1)
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    spawn(_tp_worker, 2, str(tmp_path / "llama"))
 
 
 # ---------------------------------------------------------------------------- data parallel training

@@ -9,13 +9,20 @@ LM head's weight directly in its chunked loss. The head's training is unchanged 
 
 Plans come from mtpkit's table (`LAYER_PLANS`, keyed by transformers' model_type) or else from
 the family's own `base_model_tp_plan` when it uses only colwise/rowwise entries.
+
+`load_parallel_target` never holds the whole model: it builds it on the meta device, splits it,
+allocates only this rank's shards and reads just those slices from the safetensors files
+(torch.distributed.checkpoint's HuggingFaceStorageReader).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -88,18 +95,92 @@ def layer_plan(config, tp: int) -> dict[str, str]:
     return plan
 
 
-def parallelize_target(target, par: Parallel):
-    """Move the frozen target to this rank's device and shard its decoder layers over the tp ranks."""
-    target.identity()  # fingerprint the whole weights once, before they are split
-    target.model.to(par.device)
-    if par.tp == 1:
-        return target
-    plan = layer_plan(target.config, par.tp)
+def _split_layers(model, par: Parallel) -> None:
+    plan = layer_plan(model.config, par.tp)
     styles = {name: _STYLES[style]() for name, style in plan.items()}
-    for layer in target.backbone.layers:
+    layers = model.get_decoder().layers
+    for layer in layers:
         parallelize_module(layer, par.mesh["tp"], styles)
     if par.is_main:
-        log.info(
-            "target: %d decoder layers sharded tp=%d (%s)", len(target.backbone.layers), par.tp, sorted(plan)
-        )
+        log.info("target: %d decoder layers split tp=%d (%s)", len(layers), par.tp, sorted(plan))
+
+
+def parallelize_target(target, par: Parallel):
+    """Move a loaded target to this rank's device and split its decoder layers over the tp ranks."""
+    target.identity()  # fingerprint the whole weights once, before they are split
+    target.model.to(par.device)
+    if par.tp > 1:
+        _split_layers(target.model, par)
     return target
+
+
+def _weights_dir(spec: str) -> Path | None:
+    """The safetensors HF directory behind a target spec, or None (tiny models, .bin weights)."""
+    from mtpkit.models.loader import EMBEDDED_ALIAS, convert_gguf, embedded_gguf_path
+
+    if spec == EMBEDDED_ALIAS:
+        return convert_gguf(embedded_gguf_path())
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    return None
+
+
+class _Gathered:
+    """The model as `weights_fingerprint` reads it: full tensors, gathered one at a time."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def state_dict(self):
+        return self
+
+    def items(self):
+        for name, tensor in self.model.state_dict().items():
+            yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def load_parallel_target(spec: str, par: Parallel):
+    """The frozen target for this rank: only its shards when tp > 1 and the weights are safetensors.
+
+    Same model, identity and outputs as `parallelize_target(load_target(spec), par)`, without
+    ever holding the whole model in one process.
+    """
+    from mtpkit.models import Target, load_target
+
+    path = _weights_dir(str(spec)) if par.tp > 1 else None
+    if path is None:
+        return parallelize_target(load_target(spec), par)
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _split_layers(model, par)
+    model.to_empty(device=par.device)
+    stored: set[str] = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            stored.update(f.keys())
+    state = model.state_dict()
+    tied = {k for k in state if k not in stored}
+    if tied - {"lm_head.weight"} or (tied and not config.tie_word_embeddings):
+        raise DistributedError(f"{path}: weights missing from the safetensors files: {sorted(tied)}")
+    reader = dcp.HuggingFaceStorageReader(str(path))
+    dcp.load({k: v for k, v in state.items() if k in stored}, storage_reader=reader)
+    model.tie_weights()
+    backbone = model.get_decoder()  # rotary tables are computed, not stored: rebuild them
+    backbone.rotary_emb = type(backbone.rotary_emb)(config=config).to(par.device)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    identity = Target(model=_Gathered(model), tokenizer=tokenizer, name=str(spec)).identity()
+    return Target(model=model, tokenizer=tokenizer, name=str(spec), _identity=identity)

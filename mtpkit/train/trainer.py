@@ -25,10 +25,10 @@ from mtpkit.distributed import init_parallel
 from mtpkit.distributed.checkpoint import export_head
 from mtpkit.distributed.fsdp import clip_grad_norm, shard_head
 from mtpkit.distributed.sampler import global_label_counts
-from mtpkit.distributed.tensor_parallel import parallelize_target
+from mtpkit.distributed.tensor_parallel import load_parallel_target, parallelize_target
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, load_head
-from mtpkit.models import Target, load_target
+from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
@@ -240,7 +240,7 @@ def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
             f"{run}: run directory is not empty; pass --resume to continue it or choose another --out"
         )
     par.barrier()  # every rank has looked at `run` before rank 0 writes into it
-    target = parallelize_target(target or load_target(_target_spec(cfg)), par)
+    target = parallelize_target(target, par) if target else load_parallel_target(_target_spec(cfg), par)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     source = _source(cfg, target, (par.dp_rank, par.dp))
