@@ -203,7 +203,7 @@ def test_bad_inputs(tmp_path, tiny_llama, monkeypatch):
     assert (ckpt / "latest").read_text() == "step-000005"
 
     # A corrupt checkpoint on resume: clear error, nothing overwritten.
-    (ckpt / "step-000005" / "optimizer.pt").write_bytes(b"garbage")
+    (ckpt / "step-000005" / "trainer.pt").write_bytes(b"garbage")
     snapshot = sorted((p.name, p.stat().st_size) for p in ckpt.rglob("*"))
     with pytest.raises(CheckpointError, match="step-000005: corrupt or incomplete checkpoint"):
         train(_cfg(tmp_path, store, "nan"), resume=True, target=tiny_llama)

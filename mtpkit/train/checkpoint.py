@@ -1,15 +1,19 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
     run/checkpoints/step-000100/
-      head/                 native head directory (config.json + model.safetensors)
-      optimizer.pt          optimizer + LR scheduler state
+      state/                head + optimizer state, sharded by torch.distributed.checkpoint
+                            (one file per rank; resumable at any world size, see mtpkit.distributed)
+      head.json             head family, config and target identity (export: `export_head`)
+      trainer.pt            LR scheduler, torch and Python RNG states
       trainer_state.json    step, data position, metrics so far
-      rng.pt                torch and Python RNG states
-      trainable.safetensors the trained model weights, when the model is trained too (joint training)
+      trainable.safetensors joint training (`mtpkit sft` / `rl`, one process): the trained model
+                            weights; head + optimizer then go to head.safetensors + optimizer.pt, not state/
     run/checkpoints/latest  name of the newest complete checkpoint
 
 Each checkpoint is written to a temporary directory and renamed; `latest` is updated after
-the rename, so a crash leaves the previous checkpoint as the one resumed from.
+the rename, so a crash leaves the previous checkpoint as the one resumed from. Under torchrun
+every rank writes its shards into the same directory (multi-node runs need a shared
+filesystem for `out`); rank 0 writes the rest and renames.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from mtpkit.distributed.checkpoint import HEAD_META, STATE, head_meta, load_state, save_state
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import HeadError, check_target, read_head_config, save_head
+from mtpkit.heads import HeadError, check_target
 
 LATEST = "latest"
 TRAINABLE = "trainable.safetensors"
+JOINT_HEAD = "head.safetensors"
+JOINT_OPTIMIZER = "optimizer.pt"
 
 
 class CheckpointError(MtpkitError, RuntimeError):
@@ -49,31 +57,45 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     root = checkpoint_dir(run)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_head(head, tmp / "head", target)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
-    )
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-    if tensors:
-        from safetensors.torch import save_file
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    if tensors is None:
+        save_state(tmp / STATE, head, optimizer)  # collective: every rank writes its shards
+    _barrier()
+    if main:
+        (tmp / HEAD_META).write_text(json.dumps(head_meta(head, target), indent=2) + "\n")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        torch.save({"scheduler": scheduler.state_dict(), **rng}, tmp / "trainer.pt")
+        if tensors is not None:
+            # Joint training's optimizer also holds model parameters, which DCP would key through
+            # the head; it runs in one process, so plain files keep head, optimizer and model.
+            from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / TRAINABLE)
-    (tmp / "trainer_state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = root / (LATEST + ".tmp")
-    latest_tmp.write_text(name)
-    os.replace(latest_tmp, root / LATEST)
-    # Keep the newest `keep` checkpoints.
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+            save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, tmp / JOINT_HEAD)
+            torch.save({"optimizer": optimizer.state_dict()}, tmp / JOINT_OPTIMIZER)
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / TRAINABLE)
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, step=step), indent=1))
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = root / (LATEST + ".tmp")
+        latest_tmp.write_text(name)
+        os.replace(latest_tmp, root / LATEST)
+        # Keep the newest `keep` checkpoints.
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return root / name
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -89,16 +111,18 @@ def latest_checkpoint(run: Path) -> Path | None:
 def load_checkpoint(path: Path, head, target, optimizer, scheduler) -> dict:
     """Restore head, optimizer, scheduler and RNG from `path`; return the trainer state."""
     try:
-        meta = read_head_config(path / "head")
-        check_target(meta, target, str(path / "head"))
-        from safetensors.torch import load_file
-
-        head.load_state_dict(load_file(str(path / "head" / "model.safetensors")))
-        opt = torch.load(path / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        rng = torch.load(path / "rng.pt", weights_only=False)
+        meta = json.loads((path / HEAD_META).read_text())
+        check_target(meta, target, str(path))
+        extra = torch.load(path / "trainer.pt", weights_only=False)
         state = json.loads((path / "trainer_state.json").read_text())
+        if (path / JOINT_OPTIMIZER).is_file():  # joint training (see save_checkpoint)
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(str(path / JOINT_HEAD)))
+            optimizer.load_state_dict(torch.load(path / JOINT_OPTIMIZER, weights_only=False)["optimizer"])
+        else:
+            load_state(path / STATE, head, optimizer)  # collective, any world size
+        scheduler.load_state_dict(extra["scheduler"])
     except HeadError:
         raise
     except Exception as exc:
@@ -106,8 +130,8 @@ def load_checkpoint(path: Path, head, target, optimizer, scheduler) -> dict:
             f"{path}: corrupt or incomplete checkpoint ({type(exc).__name__}: {exc}); nothing was overwritten — "
             f"point {path.parent / LATEST} at an older checkpoint or start a new run"
         ) from exc
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+    torch.set_rng_state(extra["torch"])
+    random.setstate(extra["python"])
     return state
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mtpkit.distributed.mesh import DistributedConfig
 from mtpkit.train.losses import LOSS_KINDS
 
 
@@ -77,6 +78,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun
     max_steps: int = 200
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)

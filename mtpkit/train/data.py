@@ -2,6 +2,9 @@
 
 Both sources hand the trainer right-padded `Batch`es and expose their position as a small
 state dict, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+Under data parallelism (`shard` = (rank, ranks)) every rank plans the same global batches and
+collates only its part of each (mtpkit.distributed.sampler); the position is global, so a run
+resumes at another world size on the same data.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from mtpkit.data.collect import CollectConfig, generate_conversations, stream_items, teacher_forced_hidden
 from mtpkit.data.store import Sample, Store
+from mtpkit.distributed.sampler import rank_batch
 from mtpkit.errors import MtpkitError
 from mtpkit.models import Target
 
@@ -67,6 +71,13 @@ def token_counts(batches_or_samples, vocab_size: int) -> torch.Tensor:
     return counts
 
 
+def masked_out(batch: Batch, padding: bool) -> Batch:
+    """A padding batch (a rank with no samples of this global batch) contributes no labels."""
+    if padding:
+        batch.loss_mask.zero_()
+    return batch
+
+
 def plan_batches(lengths: dict[int, int], seed: int, epoch: int, token_budget: int) -> list[list[int]]:
     """One epoch of batches: shuffled, grouped by length, each within batch x longest <= budget."""
     rng = random.Random(seed * 1_000_003 + epoch)
@@ -99,10 +110,12 @@ class StoreSource:
         eval_max_samples: int,
         seed: int,
         feature_layers: list[int] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         if len(store) == 0:
             raise DataError(f"{store.root}: the store holds no samples; run `mtpkit collect` first")
         self.store, self.token_budget, self.max_seq_len, self.seed = store, token_budget, max_seq_len, seed
+        self.shard = shard
         self.layer = store.layers.index(store.manifest["model"]["num_layers"])
         missing = [x for x in feature_layers or [] if x not in store.layers]
         if missing:
@@ -129,9 +142,12 @@ class StoreSource:
         return self._collate(ids)
 
     def _collate(self, ids: list[int]) -> Batch:
-        return collate([self.store[i] for i in ids], self.max_seq_len, self.layer, self.features)
+        mine, padding = rank_batch(ids, *self.shard)
+        batch = collate([self.store[i] for i in mine], self.max_seq_len, self.layer, self.features)
+        return masked_out(batch, padding)
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
+        # Every training sample, whatever the rank: all ranks must pick the same draft vocabulary.
         return token_counts((self.store[i] for i in self.train_lengths), vocab_size)
 
     def eval_batches(self) -> list[Batch]:
@@ -155,7 +171,13 @@ class OnlineSource:
     """
 
     def __init__(
-        self, target: Target, online, max_seq_len: int, seed: int, feature_layers: list[int] | None = None
+        self,
+        target: Target,
+        online,
+        max_seq_len: int,
+        seed: int,
+        feature_layers: list[int] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         if not online.prompts:
             raise DataError("data.online.prompts is empty: give prompt or corpus files")
@@ -181,7 +203,7 @@ class OnlineSource:
                 f"online data has {len(items)} items, not more than eval_samples={online.eval_samples}"
             )
         self.eval_items, self.items = items[: online.eval_samples], items[online.eval_samples :]
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.shard = max_seq_len, shard
         self.feature_layers = feature_layers
         self.epoch, self.index = 0, 0
 
@@ -192,6 +214,9 @@ class OnlineSource:
         return order
 
     def _make(self, items, seed: int) -> Batch:
+        """This rank's part of a global batch of `items`: answered, run through the target, collated."""
+        mine, padding = rank_batch(list(range(len(items))), *self.shard)
+        items = [items[i] for i in mine]
         if self.cfg.mode == "generate":
             seqs, _, _ = generate_conversations(self.target, self.collect_cfg, items, seed)
         else:
@@ -205,10 +230,11 @@ class OnlineSource:
             Sample(torch.tensor(ids), torch.tensor(m), h) for (ids, m, _), h in zip(seqs, hidden, strict=True)
         ]
         features = None if self.feature_layers is None else [layers.index(x) for x in self.feature_layers]
-        return collate(samples, self.max_seq_len, 0, features)
+        return masked_out(collate(samples, self.max_seq_len, 0, features), padding)
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
-        # Online answers exist only once generated: count the held-out ones (they only pick a vocabulary).
+        # Online answers exist only once generated: count the held-out ones (they only pick a vocabulary;
+        # under data parallelism each rank counts its own part, so use one process or a store).
         return token_counts(self.eval_batches(), vocab_size)
 
     def next_batch(self) -> Batch:

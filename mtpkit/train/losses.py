@@ -37,10 +37,12 @@ def depth_losses(
     chunk_size: int = 1024,
     depths: int | None = None,
     features: torch.Tensor | None = None,
+    counts: list[int] | None = None,
 ):
     """Weighted per-depth mean loss of a right-padded batch and per-depth stats (loss sum,
     counts, hits [B, T], valid [B, T]); `hidden` is the target's final post-norm state, `features`
-    the other target layers a head reads instead (EAGLE-3).
+    the other target layers a head reads instead (EAGLE-3), `counts` the per-depth label counts
+    of the global batch under data parallelism (each rank's loss is then its share of the sum).
 
     Depth k, row i predicts t_{i+k+1} for every head family. A head may add: `output_layers(k)`
     (its own LM head and the teacher's, e.g. a reduced vocabulary), `draft_labels` (target ids →
@@ -90,7 +92,7 @@ def depth_losses(
             }
         )
         if k <= len(weights):
-            total = total + weights[k - 1] * loss_sum / max(loss_count, 1)
+            total = total + weights[k - 1] * loss_sum / max(counts[k - 1] if counts else loss_count, 1)
     return total, stats
 
 
@@ -148,7 +150,9 @@ def lm_loss(
     t_head = teacher_head if teacher_head is not None else lm_head
     total = hidden.new_zeros((), dtype=torch.float32)
     hits = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    # At least one (possibly empty) chunk: a rank without labels still backpropagates zeros
+    # through the whole head, so its data-parallel gradient collectives match the other ranks'.
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):
         sl = slice(start, start + chunk_size)
         teacher = teacher_hidden[sl] if teacher_hidden is not None else None
         weight = row_weight[sl] if row_weight is not None else None

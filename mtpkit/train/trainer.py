@@ -21,9 +21,14 @@ from tqdm.auto import tqdm
 
 from mtpkit.config import to_dict
 from mtpkit.data.store import Store
+from mtpkit.distributed import init_parallel
+from mtpkit.distributed.checkpoint import export_head
+from mtpkit.distributed.fsdp import clip_grad_norm, shard_head
+from mtpkit.distributed.sampler import global_label_counts
+from mtpkit.distributed.tensor_parallel import load_parallel_target, parallelize_target
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import build_head, load_head, save_head
-from mtpkit.models import Target, load_target
+from mtpkit.heads import build_head, load_head
+from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
 from mtpkit.spec.evaluate import head_dir
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -39,8 +44,14 @@ class TrainingError(MtpkitError, RuntimeError):
 
 
 # ---------------------------------------------------------------------------- loss of one batch
-def batch_loss(head, batch: Batch, cfg: TrainConfig, weights: list[float], depths: int | None = None):
-    """Weighted per-depth loss of a batch, and per-depth stats (see `depth_losses`)."""
+def batch_loss(
+    head, batch: Batch, cfg: TrainConfig, weights: list[float], depths: int | None = None, counts=None
+):
+    """Weighted per-depth loss of a batch, and per-depth stats (see `depth_losses`).
+
+    counts: per-depth label counts of the global batch when it is split over data-parallel
+    ranks, so each rank's share is its loss sum over the global count and the shares add up.
+    """
     total, stats = depth_losses(
         head,
         batch.input_ids,
@@ -51,6 +62,7 @@ def batch_loss(head, batch: Batch, cfg: TrainConfig, weights: list[float], depth
         cfg.loss.chunk_size,
         depths,
         batch.features,
+        counts,
     )
     return total * cfg.loss.scaling_factor, stats
 
@@ -87,7 +99,8 @@ def depth_metrics(sums: dict[str, float], depths: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float]) -> dict:
+def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float], reduce=dict) -> dict:
+    """Held-out metrics; `reduce` sums the per-rank sums over data-parallel ranks."""
     depths = max(head.cfg.train_depths, cfg.simulate_k)
     sums: dict[str, float] = {}
     for batch in batches:
@@ -96,6 +109,7 @@ def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float])
         for K, (acc, rows) in simulated_tau(stats, cfg.simulate_k).items():
             sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
             sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
+    sums = reduce(sums)
     metrics = depth_metrics(sums, head.cfg.train_depths)
     for K in range(1, cfg.simulate_k + 1):
         if sums.get(f"tau_rows_k{K}"):
@@ -107,9 +121,11 @@ def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float])
 class MetricsLogger:
     """JSONL (the record) + TensorBoard (the plots). Appends, so a resumed run continues both."""
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, enabled: bool = True):
         self.path = run / "metrics.jsonl"
-        self._tb = None
+        self._tb, self.enabled = None, enabled  # only rank 0 of a distributed run writes
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -118,6 +134,8 @@ class MetricsLogger:
             log.warning("tensorboard not installed; metrics go to %s only", self.path)
 
     def log(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
         record = {
             "step": step,
             "split": split,
@@ -132,7 +150,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (written after the checkpoint a run resumes from)."""
-        if self.path.exists():
+        if self.enabled and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
@@ -157,16 +175,25 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------------- setup
-def _source(cfg: TrainConfig, target: Target, feature_layers: list[int] | None = None):
+def _source(
+    cfg: TrainConfig, target: Target, feature_layers: list[int] | None = None, shard: tuple[int, int] = (0, 1)
+):
     d = cfg.data
     if (d.store is None) == (d.online is None):
         raise TrainingError("set exactly one of data.store (offline) and data.online (online mode)")
     if d.online is not None:
-        return OnlineSource(target, d.online, d.max_seq_len, cfg.seed, feature_layers)
+        return OnlineSource(target, d.online, d.max_seq_len, cfg.seed, feature_layers, shard)
     store = Store(d.store)
     check_store(store, target)
     return StoreSource(
-        store, d.token_budget, d.max_seq_len, d.eval_fraction, d.eval_max_samples, cfg.seed, feature_layers
+        store,
+        d.token_budget,
+        d.max_seq_len,
+        d.eval_fraction,
+        d.eval_max_samples,
+        cfg.seed,
+        feature_layers,
+        shard,
     )
 
 
@@ -196,14 +223,27 @@ def _target_spec(cfg: TrainConfig) -> str:
 
 
 def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) -> dict:
-    """Train (or resume) a head; returns the final eval metrics and paths."""
+    """Train (or resume) a head; returns the final eval metrics and paths.
+
+    Under torchrun every process calls this: the head is data-parallel over the `dp` ranks
+    (each takes a part of every global batch) and the target tensor-parallel over `tp`.
+    """
+    par = init_parallel(cfg.distributed)
+    try:
+        return _train(cfg, resume, target, par)
+    finally:
+        par.close()
+
+
+def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
     run = Path(cfg.out)
     existing = run.exists() and any(run.iterdir())
     if existing and not resume:
         raise TrainingError(
             f"{run}: run directory is not empty; pass --resume to continue it or choose another --out"
         )
-    target = target or load_target(_target_spec(cfg))
+    par.barrier()  # every rank has looked at `run` before rank 0 writes into it
+    target = parallelize_target(target, par) if target else load_parallel_target(_target_spec(cfg), par)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     head = (
@@ -211,9 +251,10 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
         if cfg.init_from
         else build_head(target, cfg.head_type, cfg.head)
     )
-    source = _source(cfg, target, getattr(head, "feature_layers", None))
+    source = _source(cfg, target, getattr(head, "feature_layers", None), (par.dp_rank, par.dp))
     if hasattr(head, "init_vocab") and not cfg.init_from:  # a reduced vocabulary from the data's tokens
         head.init_vocab(source.token_counts(target.vocab_size))
+    head = shard_head(head, par, cfg.precision)
     head.train()
     decay = (
         cfg.loss.depth_decay
@@ -227,11 +268,12 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
-    run.mkdir(parents=True, exist_ok=True)
-    resolved = to_dict(cfg)
-    resolved["head"] = head.describe()
-    (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    logger = MetricsLogger(run)
+    if par.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = to_dict(cfg)
+        resolved["head"] = head.describe()
+        (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    logger = MetricsLogger(run, enabled=par.is_main)
     step, tokens_seen = 0, 0
     ckpt = latest_checkpoint(run) if resume else None
     if ckpt is not None:
@@ -244,33 +286,36 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
         log.warning("%s: no checkpoint to resume from; starting at step 0", run)
         logger.truncate_after(0)
 
-    eval_batches = source.eval_batches()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    bar = tqdm(
-        total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress or None, dynamic_ncols=True
-    )
+    eval_batches = [par.to_device(b) for b in source.eval_batches()]
+    autocast = torch.autocast(par.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    quiet = not cfg.progress or not par.is_main
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=quiet or None, dynamic_ncols=True)
     t_last, tokens_last = time.perf_counter(), tokens_seen
     last_eval: dict = {}
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            loss_value, stats_sum = 0.0, {}
+            loss_value, stats_sum, step_tokens = 0.0, {}, 0
             for _ in range(cfg.optim.grad_accum):
-                batch = source.next_batch()
+                batch = par.to_device(source.next_batch())
+                counts = global_label_counts(batch, head.cfg.train_depths, par)
                 with autocast:
-                    loss, stats = batch_loss(head, batch, cfg, weights)
-                if loss.requires_grad:  # False when truncation left the batch no loss tokens
-                    (loss / cfg.optim.grad_accum).backward()
+                    loss, stats = batch_loss(head, batch, cfg, weights, counts=counts)
+                # Data-parallel gradients are averaged over dp ranks; each loss is a share of the sum.
+                # (Always a graph, even without loss tokens: lm_loss runs an empty chunk.)
+                (loss * par.dp / cfg.optim.grad_accum).backward()
                 loss_value += loss.item() / cfg.optim.grad_accum
-                tokens_seen += batch.num_tokens
+                step_tokens += batch.num_tokens
                 add_depth_stats(stats_sum, stats)
+            stats_sum = par.reduce_sums({**stats_sum, "loss": loss_value, "tokens": step_tokens})
+            loss_value, tokens_seen = stats_sum.pop("loss"), tokens_seen + int(stats_sum.pop("tokens"))
             if not math.isfinite(loss_value):
                 good = latest_checkpoint(run)
                 raise TrainingError(
                     f"step {step + 1}: loss is {loss_value}; stopped. Last good checkpoint: {good or 'none'} "
                     "(lower optim.lr, or use precision: fp32)"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, par)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -295,7 +340,8 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
                 t_last, tokens_last = now, tokens_seen
             if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 head.eval()
-                last_eval = evaluate(head, eval_batches, cfg, weights)
+                with autocast:  # the training precision (FSDP's bf16 parameters need it)
+                    last_eval = evaluate(head, eval_batches, cfg, weights, par.reduce_sums)
                 head.train()
                 logger.log(step, "eval", last_eval)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
@@ -311,8 +357,9 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
     finally:
         bar.close()
         logger.close()
-    head.eval()
-    save_head(head, run / "head", target)
+    if par.is_main:  # the last checkpoint, gathered into one safetensors head
+        export_head(latest_checkpoint(run), run / "head")
+    par.barrier()
     return {
         "run": str(run),
         "head": str(run / "head"),
