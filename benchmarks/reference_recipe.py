@@ -1,7 +1,7 @@
 """The reference recipe: collect -> train -> eval an MTP head for the embedded SmolLM2-135M-Instruct.
 
     .venv/bin/python benchmarks/reference_recipe.py                      # all phases (~2 h on 2 cores)
-    .venv/bin/python benchmarks/reference_recipe.py --phases eval --eval-prompts 8
+    .venv/bin/python benchmarks/reference_recipe.py --phases eval --eval-prompts 3
 
 Collection uses only ../shared/data/prompts (configs/recipe/collect_*.yaml); training
 configs/recipe/train_mtp.yaml. Evaluation runs every set in ../shared/data/eval at K = 1..4, greedy
