@@ -37,7 +37,7 @@ from mtpkit.joint.policy import (
 from mtpkit.models import Target, load_target
 from mtpkit.train.checkpoint import TRAINABLE, latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.losses import lm_loss, shifted_labels
-from mtpkit.train.trainer import MetricsLogger, add_depth_stats, depth_metrics, simulated_tau
+from mtpkit.train.trainer import MetricsLogger, add_depth_stats, add_sim_tau, depth_metrics, sim_tau_metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +101,14 @@ def evaluate(policy: Policy, head, examples, cfg: SFTConfig) -> dict:
         sums["ce_count"] += len(hit)
         sums["hits"] += float(hit.sum())
         add_depth_stats(sums, stats)
-        for K, (acc, rows) in simulated_tau(stats, cfg.simulate_k).items():
-            sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
-            sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
+        add_sim_tau(sums, stats, cfg.simulate_k)
     n = max(sums["ce_count"], 1.0)
-    metrics = {
+    return {
         "ce": sums["ce_sum"] / n,
         "acc": sums["hits"] / n,
         **depth_metrics(sums, head.cfg.train_depths),
+        **sim_tau_metrics(sums, cfg.simulate_k),
     }
-    for K in range(1, cfg.simulate_k + 1):
-        if sums.get(f"tau_rows_k{K}"):
-            metrics[f"sim_tau_k{K}"] = sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
-    return metrics
 
 
 def _build_head(cfg_head: dict, head_type: str, init_head: str | None, target: Target):

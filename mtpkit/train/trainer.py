@@ -106,15 +106,25 @@ def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float],
     for batch in batches:
         _, stats = batch_loss(head, batch, cfg, weights, depths)
         add_depth_stats(sums, stats[: head.cfg.train_depths])
-        for K, (acc, rows) in simulated_tau(stats, cfg.simulate_k).items():
-            sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
-            sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
+        add_sim_tau(sums, stats, cfg.simulate_k)
     sums = reduce(sums)
-    metrics = depth_metrics(sums, head.cfg.train_depths)
-    for K in range(1, cfg.simulate_k + 1):
-        if sums.get(f"tau_rows_k{K}"):
-            metrics[f"sim_tau_k{K}"] = sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
-    return metrics
+    return {**depth_metrics(sums, head.cfg.train_depths), **sim_tau_metrics(sums, cfg.simulate_k)}
+
+
+def add_sim_tau(sums: dict[str, float], stats: list[dict], max_k: int) -> None:
+    """Accumulate the simulated-τ numerators and row counts of a batch (from `simulated_tau`)."""
+    for K, (acc, rows) in simulated_tau(stats, max_k).items():
+        sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
+        sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
+
+
+def sim_tau_metrics(sums: dict[str, float], max_k: int) -> dict[str, float]:
+    """sim_tau_k{K} for every K with rows, from sums built by `add_sim_tau`."""
+    return {
+        f"sim_tau_k{K}": sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
+        for K in range(1, max_k + 1)
+        if sums.get(f"tau_rows_k{K}")
+    }
 
 
 # ---------------------------------------------------------------------------- logging
