@@ -1,15 +1,17 @@
 """All draft-head families on one target, one store, one training budget, one eval harness.
 
-    flock /tmp/mtpkit-heavy.lock .venv/bin/python benchmarks/compare_heads.py \
-        --store runs/heads-store --steps 150 --max-prompts 4 --max-new-tokens 64
+    .venv/bin/python benchmarks/compare_heads.py --store runs/recipe-store --steps 300 \
+        --k 1 2 4 --max-prompts 3 --max-new-tokens 64 --target-dtype bfloat16
 
 1. Collects (or reuses) a store from the training prompts with the layers every family reads:
    EAGLE-3's low / middle / high layers plus the final state.
-2. Trains each variant with the same steps x token budget, seed, data order and held-out split
-   (`--steps`, `--token-budget`), and times it (CPU seconds of this process).
-3. Runs `mtpkit eval` (greedy, plain decoding as the baseline, interleaved per prompt) on every
-   eval set (`--eval`), and reports per variant: trainable parameters, τ, per-position
-   acceptance, draft and verify ms per step, speedup, and whether the output was identical.
+2. `--phases train`: trains each variant with the same steps x token budget, seed, data order
+   and held-out split (`--steps`, `--token-budget`), timed in CPU seconds of this process.
+   Variants that differ only in an inference option (diffusion S) share one training run.
+3. `--phases eval`: runs `mtpkit eval` (greedy, plain decoding as the baseline, interleaved per
+   prompt) on every eval set (`--eval`), and reports per variant: trainable parameters, τ,
+   per-position acceptance, draft and verify ms per step, speedup, and whether the output was
+   identical. Either phase alone reuses what the other left in `--runs`.
 
 Prints a table and writes JSON to benchmarks/results/compare_heads.json.
 """
@@ -42,21 +44,31 @@ TRAIN_FILES = [
     "self_instruct_user_oriented.jsonl",
     "arena_hard_v2.jsonl",
 ]
-# name: (head type, head config, most draft tokens it can make or None, extra train-config fields)
+# Training runs: name -> (head type, head config).
+RUNS = {
+    "mtp_D1": ("mtp", {"num_depths": 1, "train_depths": 4}),
+    "mtp_D2": ("mtp", {"num_depths": 2, "train_depths": 4}),
+    "mtp_D3": ("mtp", {"num_depths": 3, "train_depths": 4}),
+    "eagle3": ("eagle3", {"ttt_steps": 4}),
+    "medusa": ("medusa", {"num_heads": 4}),
+    "diffusion_L4": ("diffusion", {"block_length": 4}),
+    "diffusion_L8": ("diffusion", {"block_length": 8}),
+}
+# Variants: name -> (training run, most draft tokens it can make or None, eval-time options).
 VARIANTS = {
-    "mtp D=1": ("mtp", {"num_depths": 1, "train_depths": 4}, None, {}),
-    "mtp D=2": ("mtp", {"num_depths": 2, "train_depths": 4}, None, {}),
-    "mtp D=3": ("mtp", {"num_depths": 3, "train_depths": 4}, None, {}),
-    "eagle3": ("eagle3", {"ttt_steps": 4}, None, {}),
-    "medusa": ("medusa", {"num_heads": 4}, 4, {}),
-    "diffusion L=4 S=1": ("diffusion", {"block_length": 4, "denoising_steps": 1}, 4, {}),
-    "diffusion L=4 S=2": ("diffusion", {"block_length": 4, "denoising_steps": 2}, 4, {}),
-    "diffusion L=8 S=1": ("diffusion", {"block_length": 8, "denoising_steps": 1}, 8, {}),
-    "diffusion L=8 S=2": ("diffusion", {"block_length": 8, "denoising_steps": 2}, 8, {}),
+    "mtp D=1": ("mtp_D1", None, {}),
+    "mtp D=2": ("mtp_D2", None, {}),
+    "mtp D=3": ("mtp_D3", None, {}),
+    "eagle3": ("eagle3", None, {}),
+    "medusa": ("medusa", 4, {}),
+    "diffusion L=4 S=1": ("diffusion_L4", 4, {"denoising_steps": 1}),
+    "diffusion L=4 S=2": ("diffusion_L4", 4, {"denoising_steps": 2}),
+    "diffusion L=8 S=1": ("diffusion_L8", 8, {"denoising_steps": 1}),
+    "diffusion L=8 S=2": ("diffusion_L8", 8, {"denoising_steps": 2}),
 }
 
 
-def run(args, target) -> dict:
+def ensure_store(args, target) -> list[int]:
     layers = sorted({*default_layers(target.num_layers), target.num_layers})
     if not (args.store / "manifest.json").exists():
         collect(
@@ -73,79 +85,95 @@ def run(args, target) -> dict:
             ),
             target,
         )
-    rows = []
-    for name in args.variants.split(","):
-        head_type, head_cfg, max_k, extra = VARIANTS[name]
-        out = args.runs / name.replace(" ", "_").replace("=", "")
-        shutil.rmtree(out, ignore_errors=True)
-        cfg = from_dict(
-            TrainConfig,
-            {
-                "out": str(out),
-                "head_type": head_type,
-                "head": head_cfg,
-                "precision": args.precision,
-                "max_steps": args.steps,
-                "eval_every": args.steps,
-                "save_every": args.steps,
-                "seed": 0,
-                "progress": args.progress,
-                "data": {"store": str(args.store), "token_budget": args.token_budget, "max_seq_len": 1024},
-                "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
-                **extra,
-            },
+    return layers
+
+
+def train_run(args, target, run: str) -> dict:
+    """Train one run into args.runs/run and record what the comparison reports about it."""
+    head_type, head_cfg = RUNS[run]
+    out = args.runs / run
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(out),
+            "head_type": head_type,
+            "head": head_cfg,
+            "precision": args.precision,
+            "max_steps": args.steps,
+            "eval_every": args.steps,
+            "save_every": args.steps,
+            "seed": 0,
+            "progress": args.progress,
+            "data": {"store": str(args.store), "token_budget": args.token_budget, "max_seq_len": 1024},
+            "optim": {"lr": args.lr, "warmup_steps": max(1, args.steps // 10)},
+        },
+    )
+    torch.manual_seed(0)
+    cpu0 = time.process_time()
+    result = train(cfg, target=target)
+    train_cpu_s = time.process_time() - cpu0
+    head = load_head(result["head"], target)
+    summary = {
+        "head_type": head_type,
+        "head": head_cfg,
+        "head_dir": result["head"],
+        "params": sum(p.numel() for p in head.parameters()),
+        "budget": budget_text(args),
+        "train_cpu_s": round(train_cpu_s, 1),
+        "train_tokens": result["tokens_seen"],
+        "sim_tau": {k: v for k, v in result["eval"].items() if k.startswith("sim_tau")},
+    }
+    (out / "compare_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{run}: {summary['params'] / 1e6:.2f}M params, trained in {train_cpu_s:.0f} CPU-s", flush=True)
+    return summary
+
+
+def eval_variant(args, target, name: str, summary: dict) -> dict:
+    run, max_k, options = VARIANTS[name]
+    ks = sorted({min(k, max_k or k) for k in args.k})
+    per_set = {}
+    for prompts in args.eval:
+        report = evaluate(
+            EvalConfig(
+                head=summary["head_dir"],
+                prompts=[str(prompts)],
+                out=str(args.runs / run / f"eval_{slug(name)}_{Path(prompts).stem}.json"),
+                k=ks,
+                max_prompts=args.max_prompts,
+                max_new_tokens=args.max_new_tokens,
+                hf_baseline=False,
+                progress=False,
+                **options,
+            ),
+            target,
         )
-        torch.manual_seed(0)
-        cpu0 = time.process_time()
-        result = train(cfg, target=target)
-        train_cpu_s = time.process_time() - cpu0
-        head = load_head(result["head"], target)
-        params = sum(p.numel() for p in head.parameters())
-        ks = sorted({min(k, max_k or k) for k in args.k})
-        per_set = {}
-        for prompts in args.eval:
-            report = evaluate(
-                EvalConfig(
-                    head=result["head"],
-                    prompts=[str(prompts)],
-                    out=str(out / f"eval_{Path(prompts).stem}.json"),
-                    k=ks,
-                    max_prompts=args.max_prompts,
-                    max_new_tokens=args.max_new_tokens,
-                    hf_baseline=False,
-                    progress=False,
-                ),
-                target,
-            )
-            per_set[Path(prompts).stem] = {
-                r["k"]: {
-                    key: r[key]
-                    for key in (
-                        "tau",
-                        "per_position",
-                        "speedup",
-                        "draft_ms_per_step",
-                        "verify_ms_per_step",
-                        "identical",
-                    )
-                }
-                | {"num_prompts": report["num_prompts"]}
-                for r in report["sweep"]
+        per_set[Path(prompts).stem] = {
+            r["k"]: {
+                key: r[key]
+                for key in (
+                    "tau",
+                    "per_position",
+                    "speedup",
+                    "draft_ms_per_step",
+                    "verify_ms_per_step",
+                    "identical",
+                )
             }
-        rows.append(
-            {
-                "variant": name,
-                "head_type": head_type,
-                "head": head_cfg,
-                "params": params,
-                "train_cpu_s": round(train_cpu_s, 1),
-                "train_tokens": result["tokens_seen"],
-                "sim_tau": {k: v for k, v in result["eval"].items() if k.startswith("sim_tau")},
-                "eval": per_set,
-            }
-        )
-        print(f"{name}: {params / 1e6:.2f}M params, trained in {train_cpu_s:.0f} CPU-s", flush=True)
-    return {"layers": layers, "rows": rows}
+            | {"num_prompts": report["num_prompts"], "plain_ms_per_token": report["plain_ms_per_token"]}
+            for r in report["sweep"]
+        }
+    row = {"variant": name, **{k: v for k, v in summary.items() if k != "head_dir"}, "eval": per_set}
+    print(f"{name}: evaluated on {len(per_set)} sets", flush=True)
+    return row
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace("=", "")
+
+
+def budget_text(args) -> str:
+    return f"{args.steps} steps x {args.token_budget}-token batches, lr {args.lr}, {args.precision}"
 
 
 def mean_over_sets(row: dict, k: int, key: str) -> float | None:
@@ -153,19 +181,19 @@ def mean_over_sets(row: dict, k: int, key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def table(result: dict) -> str:
+def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | params | train CPU-s | K | τ | per-position | draft ms/step | verify ms/step | speedup | identical |",
+        "| variant | params | train CPU-min | K | τ | per-position | draft ms/step | verify ms/step | speedup | identical |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in rows:
         for k in sorted({k for s in r["eval"].values() for k in s}):
             sets = [s[k] for s in r["eval"].values() if k in s]
             per = [sum(x) / len(sets) for x in zip(*(s["per_position"] for s in sets), strict=True)]
             same = sum(s["identical"] for s in sets)
             total = sum(s["num_prompts"] for s in sets)
             lines.append(
-                f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['train_cpu_s']:.0f} | {k} | "
+                f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['train_cpu_s'] / 60:.1f} | {k} | "
                 f"{mean_over_sets(r, k, 'tau'):.2f} | {' '.join(f'{x:.2f}' for x in per)} | "
                 f"{mean_over_sets(r, k, 'draft_ms_per_step'):.1f} | {mean_over_sets(r, k, 'verify_ms_per_step'):.1f} | "
                 f"{mean_over_sets(r, k, 'speedup'):.2f}x | {same}/{total} |"
@@ -184,30 +212,67 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval", type=Path, nargs="+", default=sorted((SHARED / "eval").glob("*.jsonl")))
     p.add_argument("--prompts-count", type=int, default=240)
     p.add_argument("--collect-new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--phases", nargs="+", choices=["train", "eval"], default=["train", "eval"])
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--token-budget", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--k", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--max-prompts", type=int, default=4, help="per eval set")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--target-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype the target verifies (and plain-decodes) in during eval; training always loads float32",
+    )
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
     )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_heads.json")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    runs = list(dict.fromkeys(VARIANTS[v][0] for v in variants))
+
     target = load_target(args.model)
-    result = run(args, target)
-    budget = f"{args.steps} steps x {args.token_budget}-token batches, lr {args.lr}, {args.precision}"
-    md = table(result)
+    layers = ensure_store(args, target)
+    if "train" in args.phases:
+        for run in runs:
+            train_run(args, target, run)
+    if "eval" not in args.phases:
+        return {"layers": layers, "runs": runs}
+    summaries = {}
+    for run in runs:
+        path = args.runs / run / "compare_summary.json"
+        if not path.is_file():
+            p.error(f"{path} is missing: run --phases train for {run} first")
+        summaries[run] = json.loads(path.read_text())
+    if args.target_dtype != "float32":
+        target = load_target(args.model, dtype=args.target_dtype)
+    rows = [eval_variant(args, target, v, summaries[VARIANTS[v][0]]) for v in variants]
+    budgets = sorted({s["budget"] for s in summaries.values()})
+    md = table(rows)
     print(
-        f"\n{args.model}; budget: {budget}; eval: {len(args.eval)} sets x {args.max_prompts} prompts, "
-        f"{args.max_new_tokens} new tokens, greedy\n\n{md}"
+        f"\n{args.model}; budget: {'; '.join(budgets)}; target {args.target_dtype}; eval: {len(args.eval)} sets x "
+        f"{args.max_prompts} prompts, {args.max_new_tokens} new tokens, greedy\n\n{md}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    doc = {"benchmark": "compare_heads", "model": args.model, "budget": budget, "machine": meta, **result}
+    doc = {
+        "benchmark": "compare_heads",
+        "model": args.model,
+        "budget": "; ".join(budgets),
+        "target_dtype": args.target_dtype,
+        "eval": {"sets": [Path(e).stem for e in args.eval], "max_prompts": args.max_prompts,
+                 "max_new_tokens": args.max_new_tokens, "k": args.k},
+        "machine": meta,
+        "layers": layers,
+        "rows": rows,
+    }  # fmt: skip
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md + "\n")
     print(f"wrote {args.out}")

@@ -155,6 +155,17 @@ def _eval_parser(sub) -> None:
         help="dtype of drafting (verification always runs in the target's dtype, so output is unchanged)",
     )
     p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the target's dtype: verification and the plain-decoding baseline both run in it",
+    )
+    p.add_argument(
+        "--denoising-steps",
+        type=int,
+        help="diffusion heads: denoising passes per draft (default: the head's)",
+    )
+    p.add_argument(
         "--out", default="report.json", help="report JSON (a .md summary and PNG plots go beside it)"
     )
     p.set_defaults(func=_run_eval)
@@ -178,6 +189,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         hf_baseline=args.hf_baseline,
         progress=args.progress,
         draft_dtype=args.draft_dtype,
+        dtype=args.dtype,
+        denoising_steps=args.denoising_steps,
     )
     report = evaluate(cfg)
     print(summary_markdown(report))

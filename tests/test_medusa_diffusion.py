@@ -155,3 +155,31 @@ def test_diffusion_bad_inputs(tiny_llama):
     head = build_head(tiny_llama, "diffusion", {"block_length": 2})
     with pytest.raises(DecodeError, match="block_length 2 drafts at most that many, not 3"):
         SpeculativeDecoder(tiny_llama, head, k=3)
+
+
+def test_eval_overrides_denoising_steps_and_target_dtype(tmp_path, tiny_llama):
+    """S is an inference option: `mtpkit eval --denoising-steps` sweeps it on one trained head,
+    and `--dtype` loads the target (verification and the plain baseline) in that dtype."""
+    from mtpkit.spec.evaluate import EvalConfig, evaluate
+
+    head = build_head(tiny_llama, "diffusion", {"block_length": 3, "denoising_steps": 1})
+    save_head(head, tmp_path / "h", tiny_llama)
+    common = {"head": str(tmp_path / "h"), "prompts": ["builtin"], "max_prompts": 2, "max_new_tokens": 8}
+    common |= {"hf_baseline": False, "progress": False, "k": [3]}
+    report = evaluate(EvalConfig(out=str(tmp_path / "s2.json"), denoising_steps=2, **common), tiny_llama)
+    assert report["denoising_steps"] == 2 and report["identical"] == 2
+    assert report["target_dtype"] == "float32"
+    report = evaluate(EvalConfig(out=str(tmp_path / "bf16.json"), dtype="bfloat16", **common))
+    assert report["target_dtype"] == "bfloat16" and report["denoising_steps"] == 1
+    with pytest.raises(DecodeError, match=r"denoising_steps must be in 1..3"):
+        evaluate(EvalConfig(out=str(tmp_path / "x.json"), denoising_steps=4, **common), tiny_llama)
+    save_head(build_head(tiny_llama, "medusa", {}), tmp_path / "m", tiny_llama)
+    with pytest.raises(DecodeError, match="applies to diffusion heads, not 'medusa'"):
+        evaluate(
+            EvalConfig(
+                out=str(tmp_path / "x.json"), denoising_steps=2, **common | {"head": str(tmp_path / "m")}
+            )
+        )
+    with pytest.raises(DecodeError, match="dtype must be one of"):
+        EvalConfig(dtype="float16", **common)
+    assert not (tmp_path / "x.json").exists()  # bad options fail before anything is written

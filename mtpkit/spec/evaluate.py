@@ -47,6 +47,8 @@ class EvalConfig:
     hf_baseline: bool = True
     progress: bool = True
     draft_dtype: str = "bfloat16"  # drafting only; verification runs in the target's dtype
+    dtype: str = "float32"  # the target's dtype when evaluate() loads it (verification and plain decoding)
+    denoising_steps: int | None = None  # diffusion heads: S passes per draft (default: the head's own)
 
     def __post_init__(self):
         if isinstance(self.k, int):
@@ -55,8 +57,9 @@ class EvalConfig:
             raise DecodeError(f"-k must be >= 1 draft tokens per step, got {self.k}")
         if self.max_new_tokens < 1:
             raise DecodeError("max_new_tokens must be >= 1")
-        if self.draft_dtype not in _DTYPES:
-            raise DecodeError(f"draft_dtype must be one of {sorted(_DTYPES)}, got {self.draft_dtype!r}")
+        for name in ("draft_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise DecodeError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
 
 
 def head_dir(path: str | Path) -> Path:
@@ -65,6 +68,17 @@ def head_dir(path: str | Path) -> Path:
     if (path / "head" / "config.json").is_file() and not (path / "config.json").is_file():
         return path / "head"
     return path
+
+
+def set_denoising_steps(head, steps: int) -> None:
+    """An inference-time option of diffusion heads: S can differ from what the head was saved with."""
+    if head.head_type != "diffusion":
+        raise DecodeError(f"denoising_steps applies to diffusion heads, not {head.head_type!r}")
+    if not 1 <= steps <= head.cfg.block_length:
+        raise DecodeError(
+            f"denoising_steps must be in 1..{head.cfg.block_length} (block_length), got {steps}"
+        )
+    head.cfg.denoising_steps = steps
 
 
 def _hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
@@ -85,8 +99,10 @@ def _hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int) -> 
 def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
     hdir = head_dir(cfg.head)
     meta = read_head_config(hdir)
-    target = target or load_target(cfg.model or meta["target"]["model_id"])
+    target = target or load_target(cfg.model or meta["target"]["model_id"], dtype=cfg.dtype)
     head = load_head(hdir, target)
+    if cfg.denoising_steps is not None:
+        set_denoising_steps(head, cfg.denoising_steps)
     prompts = load_prompts(cfg.prompts)
     if not prompts:
         raise MtpkitError(f"no prompts in {', '.join(map(str, cfg.prompts))}")
@@ -189,6 +205,8 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
         "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens,
         "seed": cfg.seed,
+        "denoising_steps": getattr(head.cfg, "denoising_steps", None),
+        "target_dtype": str(target.lm_head.weight.dtype).removeprefix("torch."),
         "model": target.name,
         "head": str(hdir),
         "prompts": [str(p) for p in cfg.prompts],
