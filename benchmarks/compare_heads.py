@@ -13,7 +13,7 @@
    per-position acceptance, draft and verify ms per step, speedup, and whether the output was
    identical. Either phase alone reuses what the other left in `--runs`.
 
-Prints a table and writes JSON to benchmarks/results/compare_heads.json.
+Prints a table and writes benchmarks/results/compare_heads.{json,md,png} (`--out`).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def eval_variant(args, target, name: str, summary: dict) -> dict:
             EvalConfig(
                 head=summary["head_dir"],
                 prompts=[str(prompts)],
-                out=str(args.runs / run / f"eval_{slug(name)}_{Path(prompts).stem}.json"),
+                out=str(args.runs / run / f"eval_{slug(name)}_{args.target_dtype}_{Path(prompts).stem}.json"),
                 k=ks,
                 max_prompts=args.max_prompts,
                 max_new_tokens=args.max_new_tokens,
@@ -199,6 +199,29 @@ def table(rows: list[dict]) -> str:
                 f"{mean_over_sets(r, k, 'speedup'):.2f}x | {same}/{total} |"
             )
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """τ against draft cost per step, one line per variant over K: acceptance bought per ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ks = sorted({k for s in r["eval"].values() for k in s})
+        xs = [mean_over_sets(r, k, "draft_ms_per_step") for k in ks]
+        ys = [mean_over_sets(r, k, "tau") for k in ks]
+        ax.plot(xs, ys, marker="o", label=r["variant"])
+        for k, x, y in zip(ks, xs, ys, strict=True):
+            ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set(xlabel="draft ms per step", ylabel="τ (mean over eval sets)", title="Acceptance vs draft cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -275,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md + "\n")
+    plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
     return doc
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
 from conftest import REPO, shared_prompts
 
 
@@ -30,3 +31,11 @@ def test_compare_heads_smoke(tmp_path):
             assert m["draft_ms_per_step"] > 0 and 1 <= m["tau"] <= k + 1
         assert r["params"] > 0
     assert (tmp_path / "c.md").read_text().count("| eagle3 |") == 2
+    assert (tmp_path / "c.png").stat().st_size > 0
+    # Eval alone reuses the runs left by training and refuses a variant that was never trained.
+    args = ["--model", "tiny-llama", "--store", str(tmp_path / "store"), "--runs", str(tmp_path / "runs"),
+            "--eval", prompts, "--k", "2", "--max-prompts", "1", "--max-new-tokens", "4", "--out", str(tmp_path / "e.json")]  # fmt: skip
+    again = mod.main([*args, "--phases", "eval", "--variants", "diffusion L=4 S=1"])
+    assert again["rows"][0]["params"] == doc["rows"][3]["params"]
+    with pytest.raises(SystemExit):
+        mod.main([*args, "--phases", "eval", "--variants", "mtp D=2"])
