@@ -155,12 +155,13 @@ def eval_variant(args, target, name: str, summary: dict) -> dict:
                     "tau",
                     "per_position",
                     "speedup",
+                    "decode_speedup",
                     "draft_ms_per_step",
                     "verify_ms_per_step",
                     "identical",
                 )
             }
-            | {"num_prompts": report["num_prompts"], "plain_ms_per_token": report["plain_ms_per_token"]}
+            | {key: report[key] for key in ("num_prompts", "plain_ms_per_token", "plain_decode_ms_per_token")}
             for r in report["sweep"]
         }
     row = {"variant": name, **{k: v for k, v in summary.items() if k != "head_dir"}, "eval": per_set}
@@ -183,8 +184,8 @@ def mean_over_sets(row: dict, k: int, key: str) -> float | None:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | params | train CPU-min | K | τ | per-position | draft ms/step | verify ms/step | speedup | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | params | train CPU-min | K | τ | per-position | draft ms/step | verify ms/step | speedup | decode-only speedup | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for k in sorted({k for s in r["eval"].values() for k in s}):
@@ -196,7 +197,8 @@ def table(rows: list[dict]) -> str:
                 f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['train_cpu_s'] / 60:.1f} | {k} | "
                 f"{mean_over_sets(r, k, 'tau'):.2f} | {' '.join(f'{x:.2f}' for x in per)} | "
                 f"{mean_over_sets(r, k, 'draft_ms_per_step'):.1f} | {mean_over_sets(r, k, 'verify_ms_per_step'):.1f} | "
-                f"{mean_over_sets(r, k, 'speedup'):.2f}x | {same}/{total} |"
+                f"{mean_over_sets(r, k, 'speedup'):.2f}x | {mean_over_sets(r, k, 'decode_speedup'):.2f}x | "
+                f"{same}/{total} |"
             )
     return "\n".join(lines)
 

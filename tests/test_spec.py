@@ -111,6 +111,11 @@ def test_step_accounting(trained, tiny_llama):
     # First token from the prefill, then accepted + bonus per step (the last step may be cut at 30).
     assert 1 + sum(s.accepted + 1 for s in res.steps) >= 30 > sum(s.accepted + 1 for s in res.steps[:-1])
     assert all(s.drafted == 3 and 0 <= s.accepted <= 3 for s in res.steps)
+    # Time splits into prefill, then draft + verify per step (plus bookkeeping).
+    assert (
+        res.prefill_seconds > 0
+        and res.prefill_seconds + res.draft_seconds + res.verify_seconds <= res.seconds
+    )
 
 
 def test_acceptance_metrics_follow_vllm_definitions():
@@ -214,6 +219,7 @@ def test_eval_report(trained, tmp_path, tiny_llama):
         assert r["acceptance_rate"] == pytest.approx(r["accepted"] / r["drafted"])
         assert r["per_position"] == sorted(r["per_position"], reverse=True)
         assert r["speedup"] == pytest.approx(r["spec_tokens_per_s"] / report["base_tokens_per_s"])
+        assert r["decode_speedup"] > 0
     for key in (
         "tau",
         "acceptance_rate",

@@ -41,6 +41,7 @@ class DecodeResult:
     tokens: list[int]  # generated tokens (prompt excluded), EOS included if produced
     steps: list[StepStats] = field(default_factory=list)
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the prompt's forward pass, which also yields the first token
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 
@@ -164,6 +165,7 @@ class SpeculativeDecoder:
         result.tokens.append(first)
         if self.head is not None:
             self.drafter.start(features)
+        result.prefill_seconds = time.perf_counter() - start
         while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
             N = len(ids)
             t0 = time.perf_counter()
