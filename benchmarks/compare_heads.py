@@ -178,7 +178,7 @@ def budget_text(args) -> str:
 
 
 def mean_over_sets(row: dict, k: int, key: str) -> float | None:
-    vals = [s[k][key] for s in row["eval"].values() if k in s]
+    vals = [s[k][key] for s in row["eval"].values() if k in s and s[k][key] is not None]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -193,11 +193,13 @@ def table(rows: list[dict]) -> str:
             per = [sum(x) / len(sets) for x in zip(*(s["per_position"] for s in sets), strict=True)]
             same = sum(s["identical"] for s in sets)
             total = sum(s["num_prompts"] for s in sets)
+            decode = mean_over_sets(r, k, "decode_speedup")
+            decode = "–" if decode is None else f"{decode:.2f}x"  # none with 1 new token per prompt
             lines.append(
                 f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['train_cpu_s'] / 60:.1f} | {k} | "
                 f"{mean_over_sets(r, k, 'tau'):.2f} | {' '.join(f'{x:.2f}' for x in per)} | "
                 f"{mean_over_sets(r, k, 'draft_ms_per_step'):.1f} | {mean_over_sets(r, k, 'verify_ms_per_step'):.1f} | "
-                f"{mean_over_sets(r, k, 'speedup'):.2f}x | {mean_over_sets(r, k, 'decode_speedup'):.2f}x | "
+                f"{mean_over_sets(r, k, 'speedup'):.2f}x | {decode} | "
                 f"{same}/{total} |"
             )
     return "\n".join(lines)

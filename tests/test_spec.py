@@ -239,6 +239,13 @@ def test_eval_report(trained, tmp_path, tiny_llama):
     for name in ("report.md", "report_per_position.png", "report_k_sweep.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| 3 |" in (tmp_path / "report.md").read_text()
+    # One new token per prompt: no decode phase, so no decode-only speedup (and no crash).
+    one = evaluate(
+        EvalConfig(head=str(run), prompts=["builtin"], out=str(tmp_path / "one.json"), k=[2], max_new_tokens=1,
+                   max_prompts=2, hf_baseline=False, progress=False),
+        tiny_llama,
+    )  # fmt: skip
+    assert one["sweep"][0]["decode_speedup"] is None and "| – |" in (tmp_path / "one.md").read_text()
 
 
 def test_bad_eval_inputs(trained, tmp_path, tiny_llama):

@@ -250,10 +250,11 @@ def summary_markdown(report: dict) -> str:
     for r in report["sweep"]:
         per = " ".join(f"{x:.2f}" for x in r["per_position"])
         vs_hf = f"{r['speedup_vs_hf_generate']:.2f}x" if r["speedup_vs_hf_generate"] else "–"
+        decode = f"{r['decode_speedup']:.2f}x" if r["decode_speedup"] else "–"  # none when 1 token each
         same = f"{r['identical']}/{report['num_prompts']}" if r["identical"] is not None else "–"
         lines.append(
             f"| {r['k']} | {r['tau']:.2f} | {r['acceptance_rate']:.3f} | {per} | {r['spec_tokens_per_s']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['decode_speedup']:.2f}x | {vs_hf} | {r['draft_ms_per_step']:.1f} | {r['verify_ms_per_step']:.1f} | {same} |"
+            f"{r['speedup']:.2f}x | {decode} | {vs_hf} | {r['draft_ms_per_step']:.1f} | {r['verify_ms_per_step']:.1f} | {same} |"
         )
     return "\n".join(lines) + "\n"
 
