@@ -128,8 +128,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
 
     stats = {k: AcceptanceStats(k) for k in cfg.k}
     totals = {"plain": [0, 0.0], "hf": [0, 0.0], **{k: [0, 0.0, 0.0, 0.0] for k in cfg.k}}
-    # Decode phase only (prefill and its first token excluded): [tokens, seconds] per run.
-    decode = {"plain": [0, 0.0], **{k: [0, 0.0] for k in cfg.k}}
+    prefill = dict.fromkeys(["plain", *cfg.k], 0.0)  # seconds; the decode phase is what remains
     identical = dict.fromkeys(cfg.k, 0)
     records = []
     for prompt, ids in tqdm(
@@ -141,8 +140,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
         base = plain.generate(ids, cfg.max_new_tokens)
         totals["plain"][0] += len(base.tokens)
         totals["plain"][1] += base.seconds
-        decode["plain"][0] += len(base.tokens) - 1
-        decode["plain"][1] += base.seconds - base.prefill_seconds
+        prefill["plain"] += base.prefill_seconds
         record = {
             "source": prompt.source,
             "prompt_tokens": len(ids),
@@ -165,8 +163,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
             t[1] += res.seconds
             t[2] += res.draft_seconds
             t[3] += res.verify_seconds
-            decode[k][0] += len(res.tokens) - 1
-            decode[k][1] += res.seconds - res.prefill_seconds
+            prefill[k] += res.prefill_seconds
             same = res.tokens == base.tokens
             identical[k] += same
             record[f"k{k}"] = {
@@ -179,12 +176,18 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
         records.append(record)
 
     base_tps = totals["plain"][0] / totals["plain"][1]
-    base_decode_tps = decode["plain"][0] / decode["plain"][1] if decode["plain"][1] else None
+
+    def decode_tps(run) -> float | None:
+        """Tokens/s after the prefill, which made each prompt's first token; None without a decode phase."""
+        tokens, seconds = totals[run][0] - len(prompts), totals[run][1] - prefill[run]
+        return tokens / seconds if tokens > 0 and seconds > 0 else None
+
+    base_decode_tps = decode_tps("plain")
     hf_tps = totals["hf"][0] / totals["hf"][1] if cfg.hf_baseline and totals["hf"][1] else None
     sweep = []
     for k in cfg.k:
         n_tok, secs, draft_s, verify_s = totals[k]
-        spec_tps = n_tok / secs
+        spec_tps, spec_decode_tps = n_tok / secs, decode_tps(k)
         steps = max(stats[k].steps, 1)
         sweep.append(
             {
@@ -194,9 +197,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
                 "speedup": spec_tps / base_tps,
                 # Same ratio without the (identical) prefill, which dilutes it for short generations.
                 "decode_speedup": (
-                    decode[k][0] / decode[k][1] / base_decode_tps
-                    if base_decode_tps and decode[k][1]
-                    else None
+                    spec_decode_tps / base_decode_tps if base_decode_tps and spec_decode_tps else None
                 ),
                 "speedup_vs_hf_generate": spec_tps / hf_tps if hf_tps else None,
                 "identical": identical[k] if greedy else None,
