@@ -27,3 +27,20 @@ def tiny_llama():
 def smollm2():
     """The real embedded model; the first load in a fresh cache converts the GGUF (~18 s)."""
     return load_target("smollm2-135m-instruct")
+
+
+def decode_with_draft_trace(monkeypatch, target, head, k: int, ids: list[int], max_new_tokens: int):
+    """Speculative greedy decoding that also records (verified ids, drafts) at every step, so a
+    test can recompute each draft from scratch."""
+    from mtpkit.spec.engine import SpeculativeDecoder
+
+    trace = []
+    real = SpeculativeDecoder._draft
+
+    def record(self, seq):
+        drafts, probs = real(self, seq)
+        trace.append((list(seq), list(drafts)))
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeDecoder, "_draft", record)
+    return SpeculativeDecoder(target, head, k=k).generate(ids, max_new_tokens), trace

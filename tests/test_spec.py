@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import shared_prompts
+from conftest import decode_with_draft_trace, shared_prompts
 from scipy.stats import chisquare
 
 from mtpkit.config import from_dict
@@ -78,16 +78,7 @@ def test_greedy_is_lossless_and_drafts_match_a_full_recompute(trained, tiny_llam
     head, _ = trained
     ids = _prompt(tiny_llama)
     plain = SpeculativeDecoder(tiny_llama).generate(ids, 48)
-    trace = []
-    real = SpeculativeDecoder._draft
-
-    def record(self, seq):
-        drafts, probs = real(self, seq)
-        trace.append((list(seq), list(drafts)))
-        return drafts, probs
-
-    monkeypatch.setattr(SpeculativeDecoder, "_draft", record)
-    spec = SpeculativeDecoder(tiny_llama, head, k=k).generate(ids, 48)
+    spec, trace = decode_with_draft_trace(monkeypatch, tiny_llama, head, k, ids, 48)
     assert spec.tokens == plain.tokens
     assert sum(s.accepted for s in spec.steps) > 0, "the trained head should be accepted sometimes"
     for seq, drafts in trace:
