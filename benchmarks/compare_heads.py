@@ -29,10 +29,10 @@ import torch
 
 from mtpkit.config import from_dict
 from mtpkit.data.collect import CollectConfig, collect
+from mtpkit.decode.evaluate import EvalConfig, evaluate
 from mtpkit.heads import load_head
 from mtpkit.heads.eagle3 import default_layers
 from mtpkit.models import EMBEDDED_ALIAS, load_target
-from mtpkit.spec.evaluate import EvalConfig, evaluate
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.trainer import train
 

@@ -73,9 +73,9 @@ def run_train(results: dict) -> None:
 
 
 def run_eval(results: dict, n_prompts: int, head: str) -> None:
-    from mtpkit.heads import read_head_config
+    from mtpkit.decode.evaluate import EvalConfig, evaluate
+    from mtpkit.heads import head_dir, read_head_config
     from mtpkit.models import load_target
-    from mtpkit.spec.evaluate import EvalConfig, evaluate, head_dir
 
     target = load_target(read_head_config(head_dir(head))["target"]["model_id"])
     rows = []

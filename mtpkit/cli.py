@@ -172,7 +172,7 @@ def _eval_parser(sub) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from mtpkit.spec.evaluate import EvalConfig, evaluate, summary_markdown
+    from mtpkit.decode.evaluate import EvalConfig, evaluate, summary_markdown
 
     cfg = EvalConfig(
         head=args.head,

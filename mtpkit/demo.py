@@ -15,8 +15,8 @@ from pathlib import Path
 
 from mtpkit.config import from_dict
 from mtpkit.data.collect import CollectConfig, collect, format_summary
+from mtpkit.decode.evaluate import EvalConfig, evaluate
 from mtpkit.models import EMBEDDED_ALIAS, load_target
-from mtpkit.spec.evaluate import EvalConfig, evaluate
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.trainer import train
 

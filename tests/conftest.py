@@ -32,7 +32,7 @@ def smollm2():
 def decode_with_draft_trace(monkeypatch, target, head, k: int, ids: list[int], max_new_tokens: int):
     """Speculative greedy decoding that also records (verified ids, drafts) at every step, so a
     test can recompute each draft from scratch."""
-    from mtpkit.spec.engine import SpeculativeDecoder
+    from mtpkit.decode.engine import SpeculativeDecoder
 
     trace = []
     real = SpeculativeDecoder._draft

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtpkit.cli import main
+from mtpkit.decode.engine import SpeculativeDecoder
 from mtpkit.export import ExportError, export_head
 from mtpkit.export.checkpoint import CheckpointError, dequantize_fp8_blocks
 from mtpkit.export.import_mtp import import_mtp
 from mtpkit.heads import build_head, load_head, save_head
 from mtpkit.models import load_target
-from mtpkit.spec.engine import SpeculativeDecoder
 
 PROMPT = [5, 9, 14, 20, 27, 33, 41, 5, 9, 14, 20]
 

@@ -17,11 +17,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.candidate_generator import MTPCandidateGenerator
 
 from mtpkit.config import from_dict
+from mtpkit.decode.engine import SpeculativeDecoder
 from mtpkit.export import export_head
 from mtpkit.heads import load_head
 from mtpkit.models import load_target
 from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
-from mtpkit.spec.engine import SpeculativeDecoder
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.trainer import train
 

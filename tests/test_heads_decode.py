@@ -11,8 +11,8 @@ from mtpkit.config import from_dict
 from mtpkit.data import chat
 from mtpkit.data.collect import CollectConfig, collect
 from mtpkit.data.prompts import Prompt
+from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.heads import load_head
-from mtpkit.spec.engine import DecodeError, SpeculativeDecoder
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.trainer import train
 

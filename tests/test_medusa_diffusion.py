@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_train import _cfg, periodic_store
 
+from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.heads import HeadError, build_head, load_head, save_head
 from mtpkit.heads.diffusion import DiffusionConfig, alpha, loss_weight, sample_masks, unmask_counts
-from mtpkit.spec.engine import DecodeError, SpeculativeDecoder
 from mtpkit.train.trainer import train
 
 
@@ -160,7 +160,7 @@ def test_diffusion_bad_inputs(tiny_llama):
 def test_eval_overrides_denoising_steps_and_target_dtype(tmp_path, tiny_llama):
     """S is an inference option: `mtpkit eval --denoising-steps` sweeps it on one trained head,
     and `--dtype` loads the target (verification and the plain baseline) in that dtype."""
-    from mtpkit.spec.evaluate import EvalConfig, evaluate
+    from mtpkit.decode.evaluate import EvalConfig, evaluate
 
     head = build_head(tiny_llama, "diffusion", {"block_length": 3, "denoising_steps": 1})
     save_head(head, tmp_path / "h", tiny_llama)

@@ -50,7 +50,7 @@ def test_collect_stores_the_targets_own_final_hidden_states(tmp_path, smollm2):
 
 def test_train_then_decode_losslessly_on_the_real_model(tmp_path, smollm2):
     from mtpkit.config import from_dict
-    from mtpkit.spec.evaluate import EvalConfig, evaluate
+    from mtpkit.decode.evaluate import EvalConfig, evaluate
     from mtpkit.train.config import TrainConfig
     from mtpkit.train.trainer import train
 

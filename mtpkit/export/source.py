@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mtpkit.errors import MtpkitError
 from mtpkit.export.checkpoint import ShardedCheckpoint
-from mtpkit.heads import HEAD_WEIGHTS, read_head_config
+from mtpkit.heads import HEAD_WEIGHTS, head_dir, read_head_config
 from mtpkit.models.loader import (
     _TINY_PREFIX,
     EMBEDDED_ALIAS,
@@ -25,7 +25,6 @@ from mtpkit.models.loader import (
     tokenizer_hash,
 )
 from mtpkit.models.tiny import TINY_CONFIGS, build_tiny, tiny_tokenizer
-from mtpkit.spec.evaluate import head_dir
 
 PROVENANCE = "mtpkit_export.json"  # written by every export; import reads the head's target from it
 

@@ -88,6 +88,14 @@ def save_head(head: torch.nn.Module, out: str | os.PathLike, target: Target) -> 
     return out
 
 
+def head_dir(path: str | os.PathLike) -> Path:
+    """Accept a head directory or a run directory that holds one (as `head/`)."""
+    path = Path(path)
+    if (path / "head" / HEAD_CONFIG).is_file() and not (path / HEAD_CONFIG).is_file():
+        return path / "head"
+    return path
+
+
 def read_head_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     cfg_file = path / HEAD_CONFIG
@@ -139,6 +147,7 @@ __all__ = [
     "MTPConfig",
     "MTPHead",
     "build_head",
+    "head_dir",
     "load_head",
     "read_head_config",
     "save_head",

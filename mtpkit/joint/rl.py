@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 
 from mtpkit.config import to_dict
 from mtpkit.data import chat
+from mtpkit.decode.engine import SpeculativeDecoder
+from mtpkit.decode.metrics import AcceptanceStats
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import save_head
 from mtpkit.joint.data import RLPrompt, load_rl_prompts
@@ -57,8 +59,6 @@ from mtpkit.joint.policy import (
 from mtpkit.joint.rewards import Reward, get_reward, overlong_penalty
 from mtpkit.joint.sft import _build_head, resume_state
 from mtpkit.models import Target, load_target
-from mtpkit.spec.engine import SpeculativeDecoder
-from mtpkit.spec.metrics import AcceptanceStats
 from mtpkit.train.checkpoint import save_checkpoint
 from mtpkit.train.losses import shifted_labels
 from mtpkit.train.trainer import MetricsLogger, add_depth_stats, depth_metrics

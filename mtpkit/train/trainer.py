@@ -27,10 +27,9 @@ from mtpkit.distributed.fsdp import clip_grad_norm, shard_head
 from mtpkit.distributed.sampler import global_label_counts
 from mtpkit.distributed.tensor_parallel import load_parallel_target, parallelize_target
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import build_head, load_head
+from mtpkit.heads import build_head, head_dir, load_head
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
-from mtpkit.spec.evaluate import head_dir
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from mtpkit.data import chat
 from mtpkit.data.prompts import load_prompts
+from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
+from mtpkit.decode.metrics import AcceptanceStats
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import load_head, read_head_config
+from mtpkit.heads import head_dir, load_head, read_head_config
 from mtpkit.models import Target, load_target
-from mtpkit.spec.engine import DecodeError, SpeculativeDecoder
-from mtpkit.spec.metrics import AcceptanceStats
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,14 +60,6 @@ class EvalConfig:
         for name in ("draft_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise DecodeError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
-
-
-def head_dir(path: str | Path) -> Path:
-    """Accept a head directory or a run directory that holds one."""
-    path = Path(path)
-    if (path / "head" / "config.json").is_file() and not (path / "config.json").is_file():
-        return path / "head"
-    return path
 
 
 def set_denoising_steps(head, steps: int) -> None:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from mtpkit.decode.drafters import make_drafter, truncate
 from mtpkit.errors import MtpkitError
 from mtpkit.models import Target
-from mtpkit.spec.drafters import make_drafter, truncate
 
 
 class DecodeError(MtpkitError, ValueError):

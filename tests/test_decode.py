@@ -10,11 +10,11 @@ from scipy.stats import chisquare
 
 from mtpkit.config import from_dict
 from mtpkit.data.collect import CollectConfig, collect
+from mtpkit.decode.engine import DecodeError, SpeculativeDecoder, _process
+from mtpkit.decode.evaluate import EvalConfig, evaluate
+from mtpkit.decode.metrics import AcceptanceStats
 from mtpkit.heads import HeadError, build_head
 from mtpkit.models import load_target
-from mtpkit.spec.engine import DecodeError, SpeculativeDecoder, _process
-from mtpkit.spec.evaluate import EvalConfig, evaluate
-from mtpkit.spec.metrics import AcceptanceStats
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.trainer import train
 
