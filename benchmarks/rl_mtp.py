@@ -32,7 +32,7 @@ from mtpkit.data import chat
 from mtpkit.data.prompts import load_prompts
 from mtpkit.heads import load_head
 from mtpkit.joint.policy import PolicyConfig
-from mtpkit.joint.rl import RLConfig, RolloutConfig, generate, rl
+from mtpkit.joint.rl import RLConfig, RolloutConfig, generate_rollouts, rl
 from mtpkit.joint.sft import SFTConfig, SFTDataConfig, sft
 from mtpkit.models import EMBEDDED_ALIAS, load_target
 
@@ -89,7 +89,7 @@ def run_rl(args, enable: bool) -> dict:
 def tau_on(target, head, files: list[Path], n: int, k: int, max_new: int) -> dict:
     prompts = load_prompts(files)[:n]
     ids = [chat.start(target.tokenizer, p).ids for p in prompts]
-    comps, acc, secs = generate(
+    comps, acc, secs = generate_rollouts(
         target, head, ids, RolloutConfig(temperature=0.0, k=k, max_new_tokens=max_new), 0
     )
     tokens = sum(len(c.ids) for c in comps)

@@ -1,21 +1,8 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from mtpkit.models import load_target
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-PROMPTS_DIR = SHARED_DATA / "prompts"
-
-
-def shared_prompts(name: str) -> Path:
-    path = PROMPTS_DIR / name
-    if not path.is_file():
-        pytest.skip(f"{path} not available (../shared/data is beside the checkout in CI)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -27,20 +14,3 @@ def tiny_llama():
 def smollm2():
     """The real embedded model; the first load in a fresh cache converts the GGUF (~18 s)."""
     return load_target("smollm2-135m-instruct")
-
-
-def decode_with_draft_trace(monkeypatch, target, head, k: int, ids: list[int], max_new_tokens: int):
-    """Speculative greedy decoding that also records (verified ids, drafts) at every step, so a
-    test can recompute each draft from scratch."""
-    from mtpkit.decode.engine import SpeculativeDecoder
-
-    trace = []
-    real = SpeculativeDecoder._draft
-
-    def record(self, seq):
-        drafts, probs = real(self, seq)
-        trace.append((list(seq), list(drafts)))
-        return drafts, probs
-
-    monkeypatch.setattr(SpeculativeDecoder, "_draft", record)
-    return SpeculativeDecoder(target, head, k=k).generate(ids, max_new_tokens), trace

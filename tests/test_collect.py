@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, shared_prompts
+from helpers import REPO, shared_prompts
 
 from mtpkit.cli import main
 from mtpkit.data.collect import CollectConfig, collect

@@ -3,7 +3,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import REPO, shared_prompts
+from helpers import REPO, shared_prompts
 
 
 def test_compare_heads_smoke(tmp_path):

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import decode_with_draft_trace, shared_prompts
+from helpers import decode_with_draft_trace, shared_prompts
 from scipy.stats import chisquare
 
 from mtpkit.config import from_dict

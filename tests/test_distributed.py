@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from helpers import periodic_store
 from safetensors.torch import load_file
-from test_train import periodic_store
 from transformers import AutoConfig
 
 from mtpkit.config import from_dict

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_train import PERIOD, _cfg, _losses, periodic_store
+from helpers import PERIOD, periodic_store, train_cfg, train_losses
 
 from mtpkit.heads import HeadError, build_head, load_head, save_head
 from mtpkit.heads.eagle3 import default_layers, ttt_allowed
@@ -167,7 +167,7 @@ def test_save_load_round_trip_and_checkpoint_names(tmp_path, tiny_llama):
 @pytest.mark.parametrize("kind", ["ce", "kl"])
 def test_learns_a_periodic_sequence(tmp_path, tiny_llama, kind):
     store = periodic_store(tmp_path / "store", tiny_llama, layers=[0, 1, 2])
-    cfg = _cfg(
+    cfg = train_cfg(
         tmp_path,
         store,
         head_type="eagle3",
@@ -183,7 +183,7 @@ def test_learns_a_periodic_sequence(tmp_path, tiny_llama, kind):
     vocab = set(head.draft_to_target().tolist())
     assert len(vocab) == 5 and vocab <= set(PERIOD)  # the data's most frequent tokens
     ev = result["eval"]
-    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    losses = [loss for _, loss in train_losses(tmp_path / "run")]
     if kind == "ce":
         # 2 of 7 tokens lie outside the draft vocabulary: they are misses, never trained on.
         for k in (1, 2, 3):
@@ -196,7 +196,7 @@ def test_learns_a_periodic_sequence(tmp_path, tiny_llama, kind):
 def test_bad_inputs(tmp_path, tiny_llama):
     final_only = periodic_store(tmp_path / "store", tiny_llama, n=4)
     with pytest.raises(DataError, match=r"reads layers \[0, 1, 2\].*--layers 0 1 2"):
-        train(_cfg(tmp_path, final_only, head_type="eagle3", head={}), target=tiny_llama)
+        train(train_cfg(tmp_path, final_only, head_type="eagle3", head={}), target=tiny_llama)
     with pytest.raises(HeadError, match="Llama-style attention"):
         build_head(load_target("tiny-deepseek_v3"), "eagle3", {})
     with pytest.raises(HeadError, match="ttt_steps must be >= 1"):

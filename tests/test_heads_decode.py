@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import decode_with_draft_trace, shared_prompts
+from helpers import decode_with_draft_trace, shared_prompts
 
 from mtpkit.config import from_dict
 from mtpkit.data import chat
@@ -72,7 +72,8 @@ def _expected_drafts(head, target, seq: list[int], k: int) -> list[int]:
     N = len(seq)
     expected: list[int] = []
     head.eval()
-    layers = getattr(head, "feature_layers", None)  # EAGLE-3: fused layers; others: the final state
+    # EAGLE-3: fused layers; others: the final state
+    layers = None if head.feature_layers == [target.num_layers] else head.feature_layers
     with torch.no_grad():
         feats = target.hidden_states(torch.tensor([seq[: N - 1]]), None, layers)[0]
         feats = feats if layers else feats[:, 0]
@@ -82,7 +83,7 @@ def _expected_drafts(head, target, seq: list[int], k: int) -> list[int]:
             x[0, : N - 1] = feats
             outs = head.forward_train(torch.tensor([full]), x, depth)
             outs = outs[0] if isinstance(outs, tuple) else outs
-            student, _ = head.output_layers(depth) if hasattr(head, "output_layers") else (head.lm_head, None)
+            student, _ = head.output_layers(depth)
             token = int(student(outs[-1][0, N - 2]).argmax())
             expected.append(int(head.draft_to_target()[token]) if hasattr(head, "d2t") else token)
     return expected

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import shared_prompts
+from helpers import shared_prompts
 
 from mtpkit.joint.policy import PolicyConfig
 from mtpkit.joint.rl import RLConfig, RolloutConfig, rl

@@ -19,7 +19,7 @@ from mtpkit.joint.rl import (
     RolloutConfig,
     build_sequences,
     clipped_token_loss,
-    generate,
+    generate_rollouts,
     group_advantages,
     informative_groups,
     k3_kl,
@@ -114,8 +114,8 @@ def test_greedy_speculative_rollout_equals_plain_greedy(tiny_llama):
     head = build_head(tiny_llama, "mtp", {"num_depths": 2})
     prompts = [[1, 40, 41, 42, 43], [1, 60, 61]]
     cfg = RolloutConfig(temperature=0.0, k=3, max_new_tokens=20)
-    plain, none, _ = generate(tiny_llama, None, prompts, cfg, seed=0)
-    spec, acc, _ = generate(tiny_llama, head, prompts, cfg, seed=0)
+    plain, none, _ = generate_rollouts(tiny_llama, None, prompts, cfg, seed=0)
+    spec, acc, _ = generate_rollouts(tiny_llama, head, prompts, cfg, seed=0)
     assert [c.ids for c in spec] == [c.ids for c in plain]
     assert none.steps == 0 and acc.steps > 0 and len(acc.per_position) == 3
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_train import _cfg, periodic_store
+from helpers import periodic_store, train_cfg
 
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.heads import HeadError, build_head, load_head, save_head
@@ -46,7 +46,7 @@ def test_medusa_starts_as_the_target_and_names_match_vllm(tmp_path, tiny_llama):
 
 def test_medusa_learns_a_periodic_sequence(tmp_path, tiny_llama):
     store = periodic_store(tmp_path / "store", tiny_llama)
-    cfg = _cfg(
+    cfg = train_cfg(
         tmp_path,
         store,
         head_type="medusa",
@@ -130,7 +130,7 @@ def test_diffusion_alignment_and_round_trip(tmp_path, tiny_llama):
 
 def test_diffusion_learns_a_periodic_sequence(tmp_path, tiny_llama):
     store = periodic_store(tmp_path / "store", tiny_llama)
-    cfg = _cfg(
+    cfg = train_cfg(
         tmp_path,
         store,
         head_type="diffusion",

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import sharpen_router, tiny_v3
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -29,33 +30,13 @@ from mtpkit.models.moe import (
 from mtpkit.models.tiny import TINY_CONFIGS, build_tiny
 
 
-def _sharpen(model, seed=0):
-    """Spread router logits and biases (HF init makes every score ~0.5, i.e. near-ties)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight"):
-                p.copy_(torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.5)  # some biased scores < 0
-    return model
-
-
-def tiny_v3(**changes):
-    fields = dict(TINY_CONFIGS["deepseek_v3"], **changes)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(0)
-    return _sharpen(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
-
-
 def tiny_v2(**changes):
     fields = dict(TINY_CONFIGS["deepseek_v3"], q_lora_rank=None, topk_method="group_limited_greedy")
     fields.pop("num_nextn_predict_layers")
     fields.update(changes, model_type="deepseek_v2")
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
-    return _sharpen(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+    return sharpen_router(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
 
 
 def _sorted_choice(weights, indices):

@@ -152,7 +152,7 @@ def check_ep_capacity_drops(rank, world):
 
 
 def _tiny_model():
-    from test_moe import tiny_v3  # tests/ is on sys.path (pytest rootdir insertion, inherited by spawn)
+    from helpers import tiny_v3  # tests/ is on sys.path (pytest rootdir insertion, inherited by spawn)
 
     model = tiny_v3()
     swap_moe(model)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_prompts
+from helpers import shared_prompts
 
 from mtpkit.data.prompts import PromptFormatError, load_documents, load_prompts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_prompts
+from helpers import shared_prompts
 
 from mtpkit.data.collect import CollectConfig, collect
 from mtpkit.data.prompts import load_prompts

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import periodic_store, train_cfg, train_losses
 
 from mtpkit.config import from_dict, load_config
-from mtpkit.data.store import Sample, Store
+from mtpkit.data.store import Store
 from mtpkit.heads import build_head, load_head
 from mtpkit.models import load_target
 from mtpkit.train import trainer as trainer_mod
@@ -15,56 +14,11 @@ from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import DataError
 from mtpkit.train.trainer import TrainingError, train
 
-PERIOD = [5, 9, 14, 20, 27, 33, 41]
-
-
-def periodic_store(path, target, n=24, length=40, seed=0, layers=None, prompt_len=3):
-    """Samples cycling through PERIOD from a random phase: t_{i+1} is a function of t_i, so a
-    head must predict every depth exactly. Hidden states are the target's real ones."""
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for i in range(n):
-        phase = int(torch.randint(0, len(PERIOD), (1,), generator=g))
-        ids = torch.tensor([PERIOD[(phase + t) % len(PERIOD)] for t in range(length)])
-        mask = torch.ones(length, dtype=torch.bool)
-        mask[:prompt_len] = False
-        hidden = target.hidden_states(ids[None], None, layers)[0].to(torch.bfloat16)
-        samples.append(Sample(ids, mask, hidden, f"periodic:{i}"))
-    with Store.open_for_append(path, target.identity(), layers or [target.num_layers], "bfloat16") as st:
-        st.commit(samples, "synthetic", {"consumed": n})
-    return path
-
-
-def _cfg(tmp_path, store, name="run", **kw):
-    data = {
-        "out": str(tmp_path / name),
-        "data": {"store": str(store), "token_budget": 256, "eval_fraction": 0.2},
-        "head": {"num_depths": 1, "train_depths": 2},
-        "max_steps": 10,
-        "eval_every": 5,
-        "save_every": 5,
-        "log_every": 1,
-        "progress": False,
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-    }
-    for key, value in kw.items():
-        section, _, field = key.partition("__")
-        if field:
-            data.setdefault(section, {})[field] = value
-        else:
-            data[key] = value
-    return from_dict(TrainConfig, data)
-
-
-def _losses(run):
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in lines if r["split"] == "train"]
-
 
 def test_learns_a_periodic_sequence_and_never_touches_the_target(tmp_path, tiny_llama):
     store = periodic_store(tmp_path / "store", tiny_llama)
     before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
-    cfg = _cfg(
+    cfg = train_cfg(
         tmp_path,
         store,
         max_steps=80,
@@ -79,7 +33,7 @@ def test_learns_a_periodic_sequence_and_never_touches_the_target(tmp_path, tiny_
     for k in (1, 2, 3):  # depth 3 reuses module 0 (repeated-layer mode on top of D=2)
         assert ev[f"acc_d{k}"] > 0.95, ev
     assert ev["sim_tau_k3"] > 3.8  # three drafts accepted almost always
-    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    losses = [loss for _, loss in train_losses(tmp_path / "run")]
     # The tiny target's random LM head has small weights, which caps how peaked its logits can
     # get; accuracy is the real test, the loss must still fall clearly.
     assert losses[-1] < losses[0] - 1.0
@@ -94,7 +48,7 @@ def test_learns_a_periodic_sequence_and_never_touches_the_target(tmp_path, tiny_
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama, monkeypatch):
     store = periodic_store(tmp_path / "store", tiny_llama)
-    train(_cfg(tmp_path, store, "full", max_steps=12, save_every=4), target=tiny_llama)
+    train(train_cfg(tmp_path, store, "full", max_steps=12, save_every=4), target=tiny_llama)
 
     real_save = trainer_mod.save_checkpoint
 
@@ -105,13 +59,13 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama, monk
 
     monkeypatch.setattr(trainer_mod, "save_checkpoint", crash_after_step_8)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), target=tiny_llama)
+        train(train_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), target=tiny_llama)
     monkeypatch.undo()
     # Records past the resumed checkpoint are dropped and rewritten.
     with pytest.raises(TrainingError, match="not empty; pass --resume"):
-        train(_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), target=tiny_llama)
-    train(_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), resume=True, target=tiny_llama)
-    assert _losses(tmp_path / "full") == _losses(tmp_path / "killed")
+        train(train_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), target=tiny_llama)
+    train(train_cfg(tmp_path, store, "killed", max_steps=12, save_every=4), resume=True, target=tiny_llama)
+    assert train_losses(tmp_path / "full") == train_losses(tmp_path / "killed")
     a = load_head(tmp_path / "full" / "head", tiny_llama).state_dict()
     b = load_head(tmp_path / "killed" / "head", tiny_llama).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -125,14 +79,14 @@ def test_grad_accum_bf16_and_distillation_run(tmp_path, tiny_llama):
         ("kl", {"loss__kind": "kl"}),
         ("tv", {"loss__kind": "tv", "loss__depth_decay": 0.5}),
     ]:
-        result = train(_cfg(tmp_path, store, name, max_steps=4, **kw), target=tiny_llama)
+        result = train(train_cfg(tmp_path, store, name, max_steps=4, **kw), target=tiny_llama)
         assert result["step"] == 4 and all(v == v for v in result["eval"].values()), name
 
 
 def test_deepseek_v3_target_trains(tmp_path):
     target = load_target("tiny-deepseek_v3")
     store = periodic_store(tmp_path / "store", target, n=8, length=20)
-    result = train(_cfg(tmp_path, store, head__init="last_layer", max_steps=3), target=target)
+    result = train(train_cfg(tmp_path, store, head__init="last_layer", max_steps=3), target=target)
     assert result["step"] == 3 and result["eval"]["loss_d1"] < 100
 
 
@@ -165,7 +119,7 @@ def test_online_corpus_mode(tmp_path, tiny_llama):
 def test_batches_without_loss_tokens_leave_the_head_unchanged(tmp_path, tiny_llama):
     """max_seq_len cutting every answer away (long prompts do this) gives zero gradient, not a crash."""
     store = periodic_store(tmp_path / "store", tiny_llama, n=8, prompt_len=20)
-    cfg = _cfg(tmp_path, store, max_steps=2, data__max_seq_len=16, eval_every=2, save_every=2)
+    cfg = train_cfg(tmp_path, store, max_steps=2, data__max_seq_len=16, eval_every=2, save_every=2)
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in build_head(tiny_llama, "mtp", cfg.head).state_dict().items()}
     result = train(cfg, target=tiny_llama)
@@ -176,15 +130,15 @@ def test_batches_without_loss_tokens_leave_the_head_unchanged(tmp_path, tiny_lla
 def test_bad_inputs(tmp_path, tiny_llama, monkeypatch):
     store = periodic_store(tmp_path / "store", tiny_llama, n=4)
     with pytest.raises(TrainingError, match="collected from 'tiny-llama', not 'tiny-qwen2'.*config_hash"):
-        train(_cfg(tmp_path, store), target=load_target("tiny-qwen2"))
+        train(train_cfg(tmp_path, store), target=load_target("tiny-qwen2"))
     empty = tmp_path / "empty"
     Store.open_for_append(empty, tiny_llama.identity(), [tiny_llama.num_layers], "bfloat16").close()
     with pytest.raises(DataError, match="holds no samples"):
-        train(_cfg(tmp_path, empty, "e"), target=tiny_llama)
+        train(train_cfg(tmp_path, empty, "e"), target=tiny_llama)
     layers = tmp_path / "layers"
     Store.open_for_append(layers, tiny_llama.identity(), [1], "bfloat16").close()
     with pytest.raises(TrainingError, match="need the final hidden state"):
-        train(_cfg(tmp_path, layers, "l"), target=tiny_llama)
+        train(train_cfg(tmp_path, layers, "l"), target=tiny_llama)
 
     # NaN loss: stop with the step number, keep the last good checkpoint.
     real = trainer_mod.batch_loss
@@ -197,7 +151,7 @@ def test_bad_inputs(tmp_path, tiny_llama, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "batch_loss", nan_at_step_7)
     with pytest.raises(TrainingError, match=r"step 7: loss is nan.*step-000005"):
-        train(_cfg(tmp_path, store, "nan"), target=tiny_llama)
+        train(train_cfg(tmp_path, store, "nan"), target=tiny_llama)
     monkeypatch.undo()
     ckpt = tmp_path / "nan" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-000005"
@@ -206,7 +160,7 @@ def test_bad_inputs(tmp_path, tiny_llama, monkeypatch):
     (ckpt / "step-000005" / "trainer.pt").write_bytes(b"garbage")
     snapshot = sorted((p.name, p.stat().st_size) for p in ckpt.rglob("*"))
     with pytest.raises(CheckpointError, match="step-000005: corrupt or incomplete checkpoint"):
-        train(_cfg(tmp_path, store, "nan"), resume=True, target=tiny_llama)
+        train(train_cfg(tmp_path, store, "nan"), resume=True, target=tiny_llama)
     assert sorted((p.name, p.stat().st_size) for p in ckpt.rglob("*")) == snapshot
 
 

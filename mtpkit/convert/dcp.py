@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from mtpkit.convert.hf import copy_non_weights
-from mtpkit.convert.layout import ConvertError, model_spec
+from mtpkit.convert.layout import ConvertError, model_shape
 from mtpkit.convert.megatron import HF_META, META
 
 DCP_METADATA = ".metadata"
@@ -54,11 +54,11 @@ class DCPSource:
             self.hf_meta = self.path / HF_META if (self.path / HF_META).is_dir() else None
         else:
             raise ConvertError(f"{self.path}: DCP checkpoint without {META}; pass --hf-config")
-        self.spec = model_spec(self.config, "hf config")
+        self.shape = model_shape(self.config, "hf config")
         self.reader = dcp.FileSystemReader(str(self.path))
         self._meta = self.reader.read_metadata().state_dict_metadata
         n = 0
-        while f"model.layers.{self.spec.num_layers + n}.eh_proj.weight" in self._meta:
+        while f"model.layers.{self.shape.num_layers + n}.eh_proj.weight" in self._meta:
             n += 1
         self.mtp_num_layers = n
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from mtpkit.convert.layout import ConvertError
 
 INDEX = "model.safetensors.index.json"
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -114,7 +114,7 @@ class HFReader:
 
     def _view(self, name: str) -> torch.Tensor:
         mm, info, base, f = self._where[name]
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ConvertError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]

@@ -35,7 +35,7 @@ DEEPSEEK_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32"}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelShape:
     """The shapes that decide names and splits, read from a Hugging Face config.json."""
 
     model_type: str
@@ -66,7 +66,7 @@ class ModelSpec:
         return self.model_type in DEEPSEEK_TYPES
 
 
-def model_spec(config: dict, where: str = "config.json") -> ModelSpec:
+def model_shape(config: dict, where: str = "config.json") -> ModelShape:
     mt = config.get("model_type")
     if mt not in LLAMA_TYPES | DEEPSEEK_TYPES:
         raise ConvertError(
@@ -88,12 +88,12 @@ def model_spec(config: dict, where: str = "config.json") -> ModelSpec:
         if config.get("mlp_bias"):
             raise ConvertError(f"{where}: mlp_bias=true is not supported")
         bias = mt == "qwen2" or bool(config.get("attention_bias"))
-        return ModelSpec(**common, qkv_bias=bias, o_bias=bias and mt != "qwen2")
+        return ModelShape(**common, qkv_bias=bias, o_bias=bias and mt != "qwen2")
     if config.get("attention_bias"):
         raise ConvertError(f"{where}: attention_bias=true is not supported for MLA models")
     if config.get("moe_layer_freq", 1) != 1:
         raise ConvertError(f"{where}: moe_layer_freq={config['moe_layer_freq']} is not supported (only 1)")
-    return ModelSpec(
+    return ModelShape(
         **common,
         q_lora_rank=config.get("q_lora_rank"),
         kv_lora_rank=config["kv_lora_rank"],
@@ -124,7 +124,7 @@ class Layout:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
-    def validate(self, spec: ModelSpec, flag: str = "--") -> None:
+    def validate(self, shape: ModelShape, flag: str = "--") -> None:
         """Every check that can fail, before anything is read or written. `flag` prefixes flag names."""
 
         def fail(msg: str):
@@ -133,35 +133,35 @@ class Layout:
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 fail(f"{flag}{name} must be >= 1")
-        tp, L = self.tp, spec.num_layers
-        if spec.vocab % tp:
-            fail(f"{flag}tp {tp} does not divide the vocabulary size {spec.vocab} (vocab_size)")
-        if spec.heads % tp:
-            fail(f"{flag}tp {tp} does not divide num_attention_heads={spec.heads}")
-        if not spec.deepseek and spec.kv_heads % tp:
-            fail(f"{flag}tp {tp} does not divide num_key_value_heads={spec.kv_heads} (query groups)")
-        if spec.intermediate % tp:
-            fail(f"{flag}tp {tp} does not divide intermediate_size={spec.intermediate}")
-        if spec.n_experts:
+        tp, L = self.tp, shape.num_layers
+        if shape.vocab % tp:
+            fail(f"{flag}tp {tp} does not divide the vocabulary size {shape.vocab} (vocab_size)")
+        if shape.heads % tp:
+            fail(f"{flag}tp {tp} does not divide num_attention_heads={shape.heads}")
+        if not shape.deepseek and shape.kv_heads % tp:
+            fail(f"{flag}tp {tp} does not divide num_key_value_heads={shape.kv_heads} (query groups)")
+        if shape.intermediate % tp:
+            fail(f"{flag}tp {tp} does not divide intermediate_size={shape.intermediate}")
+        if shape.n_experts:
             ranks = self.ep * (tp if self.moe_tp_extend_ep else 1)
             what = f"{flag}ep {self.ep}" + (
                 f" x {flag}tp {tp} (moe-tp-extend-ep)" if self.moe_tp_extend_ep else ""
             )
-            if spec.n_experts % ranks:
-                fail(f"{what} does not divide n_routed_experts={spec.n_experts}")
-            if (not self.moe_tp_extend_ep and spec.moe_intermediate % tp) or (
-                spec.moe_intermediate * spec.n_shared_experts
+            if shape.n_experts % ranks:
+                fail(f"{what} does not divide n_routed_experts={shape.n_experts}")
+            if (not self.moe_tp_extend_ep and shape.moe_intermediate % tp) or (
+                shape.moe_intermediate * shape.n_shared_experts
             ) % tp:
                 fail(
-                    f"{flag}tp {tp} does not divide the expert width moe_intermediate_size={spec.moe_intermediate}"
+                    f"{flag}tp {tp} does not divide the expert width moe_intermediate_size={shape.moe_intermediate}"
                 )
         elif self.ep != 1:
             fail(f"{flag}ep {self.ep}: the model has no routed experts")
-        if self.moe_tp_extend_ep and not spec.n_experts:
+        if self.moe_tp_extend_ep and not shape.n_experts:
             fail(f"{flag}moe-tp-extend-ep: the model has no routed experts")
-        if self.mtp_num_layers < 0 or self.mtp_num_layers > spec.mtp_layers:
+        if self.mtp_num_layers < 0 or self.mtp_num_layers > shape.mtp_layers:
             fail(
-                f"{flag}mtp-num-layers {self.mtp_num_layers}: the model has {spec.mtp_layers} MTP layer(s) "
+                f"{flag}mtp-num-layers {self.mtp_num_layers}: the model has {shape.mtp_layers} MTP layer(s) "
                 "(num_nextn_predict_layers)"
             )
         if self.num_layer_list is not None and self.noop_layers:
@@ -188,9 +188,9 @@ class Layout:
                     f"use {flag}num-layer-list or {flag}noop-layers"
                 )
 
-    def stages(self, spec: ModelSpec) -> list[list[tuple[int, int]]]:
+    def stages(self, shape: ModelShape) -> list[list[tuple[int, int]]]:
         """(local index, HF layer) per stage. Noop layers keep their slot, as Megatron numbers them."""
-        L = spec.num_layers
+        L = shape.num_layers
         if self.num_layer_list is not None:
             out, start = [], 0
             for n in self.num_layer_list:
@@ -342,7 +342,7 @@ class GroupedExperts:
 
 @dataclass
 class Plan:
-    spec: ModelSpec
+    shape: ModelShape
     layout: Layout
     stages: list[list] = field(default_factory=list)  # Param | GroupedExperts per stage
     # HF names that Megatron does not store separately (MTP layers' copies of the embedding and
@@ -377,19 +377,19 @@ def _hf_order(name: str):
     return (0 if "embed" in name else 2, 0, name)
 
 
-def build_plan(spec: ModelSpec, layout: Layout) -> Plan:
-    plan = Plan(spec, layout)
-    stages = layout.stages(spec)
+def build_plan(shape: ModelShape, layout: Layout) -> Plan:
+    plan = Plan(shape, layout)
+    stages = layout.stages(shape)
     last = layout.pp - 1
     for s, layers in enumerate(stages):
         params: list = []
         if s == 0:
             params.append(Param("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "col"))
         for local, hf in layers:
-            params += _layer(spec, layout, f"decoder.layers.{local}", hf)
+            params += _layer(shape, layout, f"decoder.layers.{local}", hf)
         if s == last:
             params.append(Param("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
-            if not spec.tied:
+            if not shape.tied:
                 params.append(Param("output_layer.weight", ("lm_head.weight",), "col"))
             elif layout.pp > 1:  # the last stage keeps its own copy of a tied embedding
                 params.append(Param("output_layer.weight", ("model.embed_tokens.weight",), "col"))
@@ -398,25 +398,25 @@ def build_plan(spec: ModelSpec, layout: Layout) -> Plan:
                     Param("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "col")
                 )
             for i in range(layout.mtp_num_layers):
-                params += _mtp_layer(spec, layout, i, plan.aliases)
+                params += _mtp_layer(shape, layout, i, plan.aliases)
         plan.stages.append(params)
     return plan
 
 
-def _mtp_layer(spec: ModelSpec, layout: Layout, i: int, aliases: dict) -> list:
-    h, m = f"model.layers.{spec.num_layers + i}", f"mtp.layers.{i}"
+def _mtp_layer(shape: ModelShape, layout: Layout, i: int, aliases: dict) -> list:
+    h, m = f"model.layers.{shape.num_layers + i}", f"mtp.layers.{i}"
     aliases[f"{h}.embed_tokens.weight"] = "model.embed_tokens.weight"
-    aliases[f"{h}.shared_head.head.weight"] = "model.embed_tokens.weight" if spec.tied else "lm_head.weight"
+    aliases[f"{h}.shared_head.head.weight"] = "model.embed_tokens.weight" if shape.tied else "lm_head.weight"
     return [
         Param(f"{m}.enorm.weight", (f"{h}.enorm.weight",), "rep"),
         Param(f"{m}.hnorm.weight", (f"{h}.hnorm.weight",), "rep"),
         Param(f"{m}.eh_proj.weight", (f"{h}.eh_proj.weight",), "col"),
-        *_layer(spec, layout, f"{m}.transformer_layer", spec.num_layers + i),
+        *_layer(shape, layout, f"{m}.transformer_layer", shape.num_layers + i),
         Param(f"{m}.final_layernorm.weight", (f"{h}.shared_head.norm.weight",), "rep"),
     ]
 
 
-def _layer(spec: ModelSpec, layout: Layout, m: str, n: int) -> list:
+def _layer(shape: ModelShape, layout: Layout, m: str, n: int) -> list:
     h = f"model.layers.{n}"
     a, sa = f"{h}.self_attn", f"{m}.self_attention"
     out = [
@@ -424,15 +424,15 @@ def _layer(spec: ModelSpec, layout: Layout, m: str, n: int) -> list:
         Param(f"{m}.pre_mlp_layernorm.weight", (f"{h}.post_attention_layernorm.weight",), "rep"),
         Param(f"{sa}.linear_proj.weight", (f"{a}.o_proj.weight",), "row"),
     ]
-    if spec.deepseek:
-        kv_a_rows = spec.kv_lora_rank + spec.qk_rope_dim
-        if spec.q_lora_rank:
+    if shape.deepseek:
+        kv_a_rows = shape.kv_lora_rank + shape.qk_rope_dim
+        if shape.q_lora_rank:
             out += [
                 Param(
                     f"{sa}.linear_qkv.weight",
                     (f"{a}.q_a_proj.weight", f"{a}.kv_a_proj_with_mqa.weight"),
                     "cat",
-                    sizes=(spec.q_lora_rank, kv_a_rows),
+                    sizes=(shape.q_lora_rank, kv_a_rows),
                 ),
                 Param(f"{sa}.q_layernorm.weight", (f"{a}.q_a_layernorm.weight",), "rep"),
                 Param(f"{sa}.linear_qb.weight", (f"{a}.q_b_proj.weight",), "col"),
@@ -446,7 +446,7 @@ def _layer(spec: ModelSpec, layout: Layout, m: str, n: int) -> list:
             Param(f"{sa}.k_layernorm.weight", (f"{a}.kv_a_layernorm.weight",), "rep"),
             Param(f"{sa}.linear_kvb.weight", (f"{a}.kv_b_proj.weight",), "col"),
         ]
-        if spec.indexer:  # replicated over TP, names of Megatron-core's DSA (as mbridge maps them)
+        if shape.indexer:  # replicated over TP, names of Megatron-core's DSA (as mbridge maps them)
             ix, hx = f"{sa}.core_attention.indexer", f"{a}.indexer"
             for mg, hf in [
                 ("linear_wq_b", "wq_b"),
@@ -456,28 +456,28 @@ def _layer(spec: ModelSpec, layout: Layout, m: str, n: int) -> list:
                 out.append(Param(f"{ix}.{mg}.weight", (f"{hx}.{hf}.weight",), "rep"))
             out += [Param(f"{ix}.k_norm.{w}", (f"{hx}.k_norm.{w}",), "rep") for w in ("weight", "bias")]
     else:
-        g = spec.kv_heads
-        sizes = (g, spec.heads * spec.head_dim, g * spec.head_dim)
+        g = shape.kv_heads
+        sizes = (g, shape.heads * shape.head_dim, g * shape.head_dim)
         qkv = tuple(f"{a}.{p}_proj" for p in "qkv")
         out.append(Param(f"{sa}.linear_qkv.weight", tuple(f"{x}.weight" for x in qkv), "qkv", sizes=sizes))
-        if spec.qkv_bias:
+        if shape.qkv_bias:
             out.append(Param(f"{sa}.linear_qkv.bias", tuple(f"{x}.bias" for x in qkv), "qkv", sizes=sizes))
-        if spec.o_bias:
+        if shape.o_bias:
             out.append(Param(f"{sa}.linear_proj.bias", (f"{a}.o_proj.bias",), "rep"))
     mlp, hm = f"{m}.mlp", f"{h}.mlp"
-    if n < spec.first_k_dense or not spec.deepseek or not spec.n_experts:
+    if n < shape.first_k_dense or not shape.deepseek or not shape.n_experts:
         return out + _ffn(mlp, hm)
     out.append(Param(f"{mlp}.router.weight", (f"{hm}.gate.weight",), "rep"))
-    if spec.router_bias:
+    if shape.router_bias:
         out.append(Param(f"{mlp}.router.expert_bias", (f"{hm}.gate.e_score_correction_bias",), "rep"))
-    if spec.n_shared_experts:
+    if shape.n_shared_experts:
         out += _ffn(f"{mlp}.shared_experts", f"{hm}.shared_experts")
-    E, tp, ep = spec.n_experts, layout.tp, layout.ep
+    E, tp, ep = shape.n_experts, layout.tp, layout.ep
     if layout.moe_grouped_gemm:
         for which in (1, 2):
             key = f"{mlp}.experts.weight{which}"
             out.append(
-                GroupedExperts(key, f"{hm}.experts", which, E, spec.hidden, layout.moe_tp_extend_ep, ep, tp)
+                GroupedExperts(key, f"{hm}.experts", which, E, shape.hidden, layout.moe_tp_extend_ep, ep, tp)
             )
         return out
     n_local = E // (ep * (tp if layout.moe_tp_extend_ep else 1))

@@ -28,10 +28,10 @@ from mtpkit.convert.layout import (
     ConvertError,
     GroupedExperts,
     Layout,
-    ModelSpec,
+    ModelShape,
     Plan,
     build_plan,
-    model_spec,
+    model_shape,
 )
 from mtpkit.convert.megatron import (
     HF_META,
@@ -79,15 +79,15 @@ class HFSource:
         self.reader = HFReader(path)
         self.path = self.reader.path
         self.config = self.reader.config
-        self.spec = model_spec(self.config, str(self.path / "config.json"))
+        self.shape = model_shape(self.config, str(self.path / "config.json"))
         names = set(self.reader.names())
         present = 0
-        while f"model.layers.{self.spec.num_layers + present}.eh_proj.weight" in names:
+        while f"model.layers.{self.shape.num_layers + present}.eh_proj.weight" in names:
             present += 1
         if mtp_num_layers is not None and mtp_num_layers > present:
             raise ConvertError(
                 f"--mtp-num-layers {mtp_num_layers}: {self.path} holds {present} MTP layer(s) "
-                f"(model.layers.{self.spec.num_layers}+ with eh_proj)"
+                f"(model.layers.{self.shape.num_layers}+ with eh_proj)"
             )
         self.mtp_present = present
         self.mtp_num_layers = present if mtp_num_layers is None else mtp_num_layers
@@ -104,7 +104,7 @@ class HFSource:
             raise ConvertError(
                 f"{self.path}: missing {len(missing)} tensor(s) the layout needs, e.g. {missing[:3]}"
             )
-        first_dropped = self.spec.num_layers + plan.layout.mtp_num_layers
+        first_dropped = self.shape.num_layers + plan.layout.mtp_num_layers
         extra = sorted(set(names) - set(wanted))
         dropped = [n for n in extra if (m := _LAYER.match(n)) and int(m.group(1)) >= first_dropped]
         if dropped:
@@ -120,7 +120,7 @@ class HFSource:
             )
         if unknown:
             raise ConvertError(
-                f"{self.path}: {len(unknown)} tensor(s) this mapping of {self.spec.model_type} does not know, "
+                f"{self.path}: {len(unknown)} tensor(s) this mapping of {self.shape.model_type} does not know, "
                 f"e.g. {unknown[:3]}; refusing to drop them silently"
             )
         for alias, target in plan.aliases.items():
@@ -172,7 +172,7 @@ def inspect_sharded(
         )
     if first_k_dense is not None:
         config = dict(config, first_k_dense_replace=first_k_dense)
-    spec = model_spec(config, "hf config")
+    shape = model_shape(config, "hf config")
     found = rank_dirs(iter_path)
     fields = dict(meta.get("layout", {}))
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -221,10 +221,10 @@ def inspect_sharded(
             for s in range(pp):
                 keys = load_rank(ranks[(0, s, 0)], allow_pickle)[0]
                 counts.append(len({k.split(".")[2] for k in keys if k.startswith("decoder.layers.")}))
-            if counts != [spec.num_layers // pp] * pp:
+            if counts != [shape.num_layers // pp] * pp:
                 fields["num_layer_list"] = counts
     layout = Layout(**fields)
-    layout.validate(spec, flag="--source-")
+    layout.validate(shape, flag="--source-")
     return ShardedInfo(root, iteration, ranks, layout, config, hf_meta)
 
 
@@ -234,8 +234,8 @@ class MegatronSource:
     def __init__(self, info: ShardedInfo, allow_pickle: bool = False):
         self.info = info
         self.config = info.config
-        self.spec = model_spec(info.config)
-        self.plan = build_plan(self.spec, info.layout)
+        self.shape = model_shape(info.config)
+        self.plan = build_plan(self.shape, info.layout)
         self._index = self.plan.index()
         self._allow_pickle = allow_pickle
         self._files: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
@@ -289,32 +289,32 @@ class MegatronSource:
 # ---- writers ---------------------------------------------------------------------------------------
 
 
-def _megatron_args(spec: ModelSpec, layout: Layout, dtype: torch.dtype) -> dict:
+def _megatron_args(shape: ModelShape, layout: Layout, dtype: torch.dtype) -> dict:
     """The Namespace Megatron tools read back; only what describes the weights."""
     return dict(
-        num_layers=spec.num_layers + len(layout.noop_layers or []),
-        hidden_size=spec.hidden,
-        ffn_hidden_size=spec.intermediate,
-        num_attention_heads=spec.heads,
-        num_query_groups=spec.kv_heads,
-        group_query_attention=spec.kv_heads != spec.heads,
-        kv_channels=spec.head_dim,
-        padded_vocab_size=spec.vocab,
-        add_qkv_bias=spec.qkv_bias,
-        untie_embeddings_and_output_weights=not spec.tied,
+        num_layers=shape.num_layers + len(layout.noop_layers or []),
+        hidden_size=shape.hidden,
+        ffn_hidden_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_query_groups=shape.kv_heads,
+        group_query_attention=shape.kv_heads != shape.heads,
+        kv_channels=shape.head_dim,
+        padded_vocab_size=shape.vocab,
+        add_qkv_bias=shape.qkv_bias,
+        untie_embeddings_and_output_weights=not shape.tied,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         num_layer_list=",".join(map(str, layout.num_layer_list)) if layout.num_layer_list else None,
         noop_layers=",".join(map(str, layout.noop_layers)) if layout.noop_layers else None,
-        num_experts=spec.n_experts or None,
-        moe_ffn_hidden_size=spec.moe_intermediate or None,
-        first_k_dense_replace=spec.first_k_dense if spec.n_experts else None,
+        num_experts=shape.n_experts or None,
+        moe_ffn_hidden_size=shape.moe_intermediate or None,
+        first_k_dense_replace=shape.first_k_dense if shape.n_experts else None,
         moe_grouped_gemm=layout.moe_grouped_gemm,
         moe_tp_extend_ep=layout.moe_tp_extend_ep,
         mtp_num_layers=layout.mtp_num_layers or None,
-        q_lora_rank=spec.q_lora_rank,
-        kv_lora_rank=spec.kv_lora_rank or None,
+        q_lora_rank=shape.q_lora_rank,
+        kv_lora_rank=shape.kv_lora_rank or None,
         params_dtype=dtype,
     )
 
@@ -331,7 +331,7 @@ def write_megatron(
     """Write every rank file of `plan` under `out`; returns the bytes written."""
     lay = plan.layout
     dtype = get(plan.stages[0][0].hf[0]).dtype
-    args = _megatron_args(plan.spec, lay, dtype)
+    args = _megatron_args(plan.shape, lay, dtype)
     iter_path = out / iter_dir_name(iteration)
     total = 0
     for s in range(lay.pp):
@@ -356,9 +356,9 @@ def write_megatron(
     return total
 
 
-def output_config(config: dict, spec: ModelSpec, mtp_num_layers: int) -> dict:
+def output_config(config: dict, shape: ModelShape, mtp_num_layers: int) -> dict:
     config = dict(config)
-    if spec.deepseek and config.get("num_nextn_predict_layers", 0) != mtp_num_layers:
+    if shape.deepseek and config.get("num_nextn_predict_layers", 0) != mtp_num_layers:
         config["num_nextn_predict_layers"] = mtp_num_layers  # so engines do not look for dropped layers
     return config
 
@@ -427,8 +427,8 @@ def hf_to_sharded(
             "weights (dense gate/up/down vs experts) follow the config"
         )
     layout = replace(layout, mtp_num_layers=source.mtp_num_layers)
-    layout.validate(source.spec)
-    plan = build_plan(source.spec, layout)
+    layout.validate(source.shape)
+    plan = build_plan(source.shape, layout)
     get = source.get
     if lora is not None:
         get = lora.wrap(get, plan.hf_names())
@@ -460,9 +460,9 @@ def open_sharded(
         source = DCPSource(src, hf_config)
         if first_k_dense is not None:
             source.config = dict(source.config, first_k_dense_replace=first_k_dense)
-            source.spec = model_spec(source.config)
+            source.shape = model_shape(source.config)
         source.iteration = 1
-        wanted = build_plan(source.spec, Layout(mtp_num_layers=source.mtp_num_layers)).hf_names()
+        wanted = build_plan(source.shape, Layout(mtp_num_layers=source.mtp_num_layers)).hf_names()
         missing = sorted(set(wanted) - set(source.names()))
         if missing:
             raise ConvertError(f"{src}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -496,10 +496,10 @@ def sharded_to_hf(
 ) -> Result:
     source = open_sharded(src, source_overrides, hf_config, iteration, allow_pickle, first_k_dense)
     n_mtp = _mtp_count(mtp_num_layers, source, src)
-    names = build_plan(source.spec, Layout(mtp_num_layers=n_mtp)).hf_names()
+    names = build_plan(source.shape, Layout(mtp_num_layers=n_mtp)).hf_names()
     get = source.get if lora is None else lora.wrap(source.get, names)
     with staged_output(Path(out), overwrite) as tmp:
-        config = output_config(source.config, source.spec, n_mtp)
+        config = output_config(source.config, source.shape, n_mtp)
         total = write_hf(get, names, tmp, config, source.hf_meta, max_shard_bytes)
     return Result(Path(out), total, len(names))
 
@@ -524,8 +524,8 @@ def sharded_to_sharded(
     _check_format(fmt, layout)
     source = open_sharded(src, source_overrides, hf_config, iteration, allow_pickle, first_k_dense)
     layout = replace(layout, mtp_num_layers=_mtp_count(layout.mtp_num_layers, source, src))
-    layout.validate(source.spec)
-    plan = build_plan(source.spec, layout)
+    layout.validate(source.shape)
+    plan = build_plan(source.shape, layout)
     get = source.get if lora is None else lora.wrap(source.get, plan.hf_names())
     with staged_output(Path(out), overwrite) as tmp:
         it = source.iteration if out_iteration is None else out_iteration
@@ -543,10 +543,10 @@ def hf_to_hf(
 ) -> Result:
     """Re-write an HF directory, merging a LoRA adapter into it (the usual way to use this)."""
     source = HFSource(src, None if mtp_num_layers is None or mtp_num_layers < 0 else mtp_num_layers)
-    plan = build_plan(source.spec, Layout(mtp_num_layers=source.mtp_num_layers))
+    plan = build_plan(source.shape, Layout(mtp_num_layers=source.mtp_num_layers))
     get = source.get if lora is None else lora.wrap(source.get, plan.hf_names())
     source.check(plan, ignore=lora.owns if lora is not None else (lambda n: False))
     with staged_output(Path(out), overwrite) as tmp:
-        config = output_config(_dequantized_config(source), source.spec, source.mtp_num_layers)
+        config = output_config(_dequantized_config(source), source.shape, source.mtp_num_layers)
         total = write_hf(get, plan.hf_names(), tmp, config, source.path, max_shard_bytes)
     return Result(Path(out), total, len(plan.hf_names()))

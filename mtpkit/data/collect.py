@@ -96,7 +96,7 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
         sources.append(
             {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
         )
-    spec = {
+    job = {
         "mode": cfg.mode,
         "sources": sources,
         "format": cfg.format,
@@ -107,7 +107,7 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
         "layers": layers,
     }
     if cfg.mode == "generate":
-        spec.update(
+        job.update(
             all_turns=cfg.all_turns,
             system_prompt=cfg.system_prompt,
             max_new_tokens=cfg.max_new_tokens,
@@ -115,14 +115,14 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
             top_p=cfg.top_p,
         )
     else:
-        spec.update(sample_size=cfg.sample_size, stride=cfg.stride or cfg.sample_size)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return key, spec
+        job.update(sample_size=cfg.sample_size, stride=cfg.stride or cfg.sample_size)
+    key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+    return key, job
 
 
 # ---------------------------------------------------------------------------- model work
 @torch.no_grad()
-def generate(
+def generate_answers(
     target: Target,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -229,7 +229,9 @@ def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int)
     generated = 0
     active = convs
     while active:
-        answers = generate(target, [c.ids for c in active], cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        answers = generate_answers(
+            target, [c.ids for c in active], cfg.max_new_tokens, cfg.temperature, cfg.top_p
+        )
         for conv, answer in zip(active, answers, strict=True):
             chat.add_answer(tok, conv, answer, eos)
             generated += len(answer)
@@ -263,20 +265,20 @@ def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
 
     # Read every source before touching the store: bad input fails here, with nothing written.
     items = stream_items(target, cfg)
-    key, spec = job_key(cfg, layers)
+    key, job = job_key(cfg, layers)
 
     store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype)
     try:
-        return _run(cfg, target, store, items, key, spec, layers, store_dtype)
+        return _run(cfg, target, store, items, key, job, layers, store_dtype)
     finally:
         store.close()
 
 
-def _run(cfg, target, store: Store, items, key, spec, layers, store_dtype) -> dict:
+def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dict:
     state = dict(store.job(key))
     state.setdefault("generated_tokens", 0)
     state.setdefault("skipped", 0)
-    state["spec"] = spec
+    state["spec"] = job  # the manifest's name for it (docs/store.md)
     consumed = resumed_at = state["consumed"]
     if consumed:
         log.info(

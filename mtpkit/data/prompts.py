@@ -34,8 +34,8 @@ _FORMAT_FIELDS = {
 }
 _DATASETS_SUFFIXES = {".parquet": "parquet", ".json": "json", ".csv": "csv", ".tsv": "csv"}
 _TEXT_SUFFIXES = {".txt", ".md"}
-_USER_ROLES = {"user", "human"}
-_ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot", "chatgpt"}
+USER_ROLES = {"user", "human"}
+ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot", "chatgpt"}
 
 
 class PromptFormatError(MtpkitError, ValueError):
@@ -106,9 +106,9 @@ def _chat_turns(messages, where: str, name: str) -> tuple[tuple[str, ...], str |
         role = str(role).lower()
         if role == "system":
             system = _str(content, where, f"{name}[{i}]")
-        elif role in _USER_ROLES:
+        elif role in USER_ROLES:
             turns.append(_str(content, where, f"{name}[{i}]"))
-        elif role not in _ASSISTANT_ROLES:
+        elif role not in ASSISTANT_ROLES:
             raise PromptFormatError(f"{where}: {name}[{i}] has unknown role {role!r}")
     return tuple(turns), system
 
@@ -164,7 +164,7 @@ def record_prompts(
     return [Prompt(turns, system, where)]
 
 
-def _iter_records(path: Path, skip_bad: bool) -> Iterator[tuple[dict, str]]:
+def iter_records(path: Path, skip_bad: bool) -> Iterator[tuple[dict, str]]:
     """(record, "path:line") for JSONL, or "path:row N" for files read through HF datasets."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -235,7 +235,7 @@ def load_prompts(
                     Prompt((ln.strip(),), None, f"{path}:{i}") for i, ln in enumerate(f, 1) if ln.strip()
                 ]
             continue
-        for record, where in _iter_records(path, skip_bad):
+        for record, where in iter_records(path, skip_bad):
             try:
                 prompts += record_prompts(record, where, record_format, text_field)
             except PromptFormatError as exc:
@@ -259,7 +259,7 @@ def load_documents(
         if path.suffix.lower() in _TEXT_SUFFIXES:
             docs.append(Document(path.read_text(encoding="utf-8"), str(path)))
             continue
-        for record, where in _iter_records(path, skip_bad):
+        for record, where in iter_records(path, skip_bad):
             try:
                 if text_field is None and record_format is None and isinstance(record.get("text"), str):
                     text = record["text"]

@@ -33,13 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from mtpkit.errors import MtpkitError
-from mtpkit.models.loader import identity_differences
+from mtpkit.models.loader import DTYPES, identity_differences
 
 FORMAT = "mtpkit-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+STORE_DTYPES = {name: DTYPES[name] for name in ("bfloat16", "float16")}  # hidden states on disk
 _IDENTITY_KEYS = ("config_hash", "tokenizer_hash", "weights_hash")
 
 

@@ -7,13 +7,13 @@ so the output is the target's own greedy output; sampling uses standard speculat
 rejection sampling (accept with min(1, p/q), else resample from norm((p − q)+)), so the output
 distribution is the target's.
 
-Each head family keeps its own drafting state and caches (`drafters.py`); the engine asks the
-target for the hidden layers the head reads, in the same verification forward pass.
+Each head family keeps its own drafting state and caches (its `Drafter`, made by
+`head.make_drafter`); the engine asks the target for the hidden layers the head reads
+(`head.feature_layers`), in the same verification forward pass.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from mtpkit.decode.drafters import make_drafter, truncate
 from mtpkit.errors import MtpkitError
+from mtpkit.heads import DraftHead
+from mtpkit.heads.common import truncate
 from mtpkit.models import Target
 
 
@@ -46,23 +47,6 @@ class DecodeResult:
     verify_seconds: float = 0.0
 
 
-def _cast_head(head, dtype: torch.dtype):
-    """The head itself in float32; otherwise a copy in `dtype` sharing the target's frozen modules.
-    Rotary frequencies stay float32: positions need the precision."""
-    if dtype == torch.float32:
-        return head
-    frozen, head._frozen = head._frozen, ()
-    try:
-        clone = copy.deepcopy(head)
-    finally:
-        head._frozen = frozen
-    clone._frozen = frozen
-    for name, child in clone.named_children():
-        if name != "rotary_emb":
-            child.to(dtype)
-    return clone
-
-
 def _process(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Probabilities after temperature and nucleus (top-p) filtering, as the samplers apply them."""
     probs = F.softmax(logits.float() / temperature, dim=-1)
@@ -80,7 +64,7 @@ class SpeculativeDecoder:
     def __init__(
         self,
         target: Target,
-        head=None,
+        head: DraftHead | None = None,
         k: int = 3,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -97,18 +81,18 @@ class SpeculativeDecoder:
         self.generator = torch.Generator().manual_seed(seed)
         self.max_positions = getattr(target.config, "max_position_embeddings", None)
         self.draft_dtype = draft_dtype
-        if head is not None:
-            head.eval()
-            # Drafting is memory-bound (one row through a 49k-row LM head per draft), so a bf16
-            # copy halves its cost. Verification stays in the target's dtype: output unchanged.
-            self.head = _cast_head(head, draft_dtype)
         self.feature_layers = [target.num_layers]
         if head is not None:
             try:
-                self.drafter = make_drafter(self.head, self.k, draft_dtype, self._pick, temperature == 0)
+                head.check_draft_tokens(k)
             except ValueError as exc:
                 raise DecodeError(str(exc)) from exc
-            self.feature_layers = self.drafter.feature_layers
+            head.eval()
+            # Drafting is memory-bound (one row through a 49k-row LM head per draft), so a bf16
+            # copy halves its cost. Verification stays in the target's dtype: output unchanged.
+            self.head = head.cast(draft_dtype)
+            self.drafter = self.head.make_drafter(self.k, draft_dtype, self._pick, temperature == 0)
+            self.feature_layers = self.head.feature_layers
 
     # ------------------------------------------------------------------ sampling helpers
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:

@@ -24,11 +24,11 @@ from mtpkit.data.prompts import load_prompts
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.decode.metrics import AcceptanceStats
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import head_dir, load_head, read_head_config
-from mtpkit.models import Target, load_target
+from mtpkit.heads import FAMILIES, DraftHead, head_dir, load_head, read_head_config
+from mtpkit.models import DTYPES, Target, load_target
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EVAL_DTYPES = ("float32", "bfloat16")  # of mtpkit.models.DTYPES
 
 
 @dataclass
@@ -58,19 +58,20 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise DecodeError("max_new_tokens must be >= 1")
         for name in ("draft_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise DecodeError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in EVAL_DTYPES:
+                raise DecodeError(f"{name} must be one of {sorted(EVAL_DTYPES)}, got {getattr(self, name)!r}")
 
 
-def set_denoising_steps(head, steps: int) -> None:
-    """An inference-time option of diffusion heads: S can differ from what the head was saved with."""
-    if head.head_type != "diffusion":
-        raise DecodeError(f"denoising_steps applies to diffusion heads, not {head.head_type!r}")
-    if not 1 <= steps <= head.cfg.block_length:
-        raise DecodeError(
-            f"denoising_steps must be in 1..{head.cfg.block_length} (block_length), got {steps}"
-        )
-    head.cfg.denoising_steps = steps
+def configure_inference(head: DraftHead, **options) -> None:
+    """Apply inference-time head options, refusing those the head's family does not take."""
+    for name in options:
+        if name not in head.inference_options:
+            takers = [f.name for f in FAMILIES.values() if name in f.model.inference_options]
+            raise DecodeError(f"{name} applies to {'/'.join(takers)} heads, not {head.head_type!r}")
+    try:
+        head.configure_inference(**options)
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from exc
 
 
 def _hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
@@ -94,7 +95,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
     target = target or load_target(cfg.model or meta["target"]["model_id"], dtype=cfg.dtype)
     head = load_head(hdir, target)
     if cfg.denoising_steps is not None:
-        set_denoising_steps(head, cfg.denoising_steps)
+        configure_inference(head, denoising_steps=cfg.denoising_steps)
     prompts = load_prompts(cfg.prompts)
     if not prompts:
         raise MtpkitError(f"no prompts in {', '.join(map(str, cfg.prompts))}")
@@ -110,7 +111,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
     greedy = cfg.temperature == 0
     plain = SpeculativeDecoder(target, None, 0, cfg.temperature, cfg.top_p, cfg.seed)
     specs = {
-        k: SpeculativeDecoder(target, head, k, cfg.temperature, cfg.top_p, cfg.seed, _DTYPES[cfg.draft_dtype])
+        k: SpeculativeDecoder(target, head, k, cfg.temperature, cfg.top_p, cfg.seed, DTYPES[cfg.draft_dtype])
         for k in cfg.k
     }
     # Warm-up: first calls pay one-off allocation and kernel selection costs.
@@ -212,7 +213,7 @@ def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
         "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens,
         "seed": cfg.seed,
-        "denoising_steps": getattr(head.cfg, "denoising_steps", None),
+        "denoising_steps": head.cfg.denoising_steps if "denoising_steps" in head.inference_options else None,
         "target_dtype": str(target.lm_head.weight.dtype).removeprefix("torch."),
         "model": target.name,
         "head": str(hdir),

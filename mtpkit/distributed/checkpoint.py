@@ -5,7 +5,7 @@ rank 0 the global `.metadata`; loading reads whichever pieces this rank's shards
 checkpoint saved by N processes resumes on M (DCP reshards by the recorded global shapes).
 A single process (no process group) reads and writes the same format.
 
-`export_head` turns the model part of a checkpoint into mtpkit's native head directory
+`consolidate_head` turns the model part of a checkpoint into mtpkit's native head directory
 (config.json + model.safetensors, what `save_head` writes) without building the head or loading
 the target: the tensors are read by name and shape from the DCP metadata.
 
@@ -100,7 +100,7 @@ class _SavedHead:
         return self.tensors
 
 
-def export_head(checkpoint: str | Path, out: str | Path) -> Path:
+def consolidate_head(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a checkpoint's head as a native head directory (loadable by `load_head`, `mtpkit eval`)."""
     from mtpkit.heads import head_config, save_head
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="head directory to write (config.json + model.safetensors)")
     args = p.parse_args(argv)
     try:
-        print(export_head(args.checkpoint, args.out))
+        print(consolidate_head(args.checkpoint, args.out))
     except MtpkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,6 @@ a checkpoint's data position (epoch, batch) means the same thing at any world si
 
 from __future__ import annotations
 
-from mtpkit.train.losses import shifted_labels
-
 
 def rank_part(indices: list[int], rank: int, world: int) -> list[int]:
     """This rank's part of a global batch: every world-th item from position `rank`.
@@ -27,18 +25,3 @@ def rank_batch(indices: list[int], rank: int, world: int) -> tuple[list[int], bo
     """
     part = rank_part(indices, rank, world)
     return (part, False) if part else (list(indices[:1]), True)
-
-
-def global_label_counts(batch, depths: int, par) -> list[int] | None:
-    """Per-depth label counts of the global batch, summed over the dp ranks' parts.
-
-    Each rank divides its loss sum by these, so the ranks' losses (and gradients) add up to
-    the one-process loss of the whole batch. None in a single process: its batch is global.
-    """
-    if par.dp == 1:
-        return None
-    local = {
-        f"{k:03d}": int(shifted_labels(batch.input_ids, batch.loss_mask, k)[1].sum())
-        for k in range(1, depths + 1)
-    }
-    return [int(v) for _, v in sorted(par.reduce_sums(local).items())]

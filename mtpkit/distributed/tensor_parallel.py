@@ -115,15 +115,11 @@ def parallelize_target(target, par: Parallel):
 
 
 def _weights_dir(spec: str) -> Path | None:
-    """The safetensors HF directory behind a target spec, or None (tiny models, .bin weights)."""
-    from mtpkit.models.loader import EMBEDDED_ALIAS, convert_gguf, embedded_gguf_path
+    """The safetensors HF directory a spec loads from, or None (tiny targets, .bin weights)."""
+    from mtpkit.models.loader import resolve_target
 
-    if spec == EMBEDDED_ALIAS:
-        return convert_gguf(embedded_gguf_path())
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
-    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    path = resolve_target(spec).hf_dir()
+    if path is not None and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return path
     return None
 

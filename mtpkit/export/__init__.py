@@ -25,50 +25,55 @@ from mtpkit.export.mtp import check_mtp_export, write_draft_dir, write_full_chec
 from mtpkit.export.native import write_native
 from mtpkit.export.serve import serve_markdown
 from mtpkit.export.source import PROVENANCE, ExportError, HeadSource, atomic_dir, open_head
+from mtpkit.heads import FAMILIES, HeadError, default_k, head_family
 
 
 @dataclass(frozen=True)
 class Format:
-    heads: tuple[str, ...] | None  # head families it represents exactly (None: every family)
     write: Callable[[HeadSource, Path, int], None]  # (head, temporary out dir, draft tokens per step)
     check: Callable[[HeadSource, str, int], None] | None = None
     engines: str = ""
 
 
+# The writers; which head family each format represents is declared by the family itself
+# (`HeadFamily.export_formats` in mtpkit.heads). `native` represents every family.
+NATIVE = "native"
 FORMATS: dict[str, Format] = {
-    "vllm-mtp": Format(("mtp",), write_draft_dir, check_mtp_export, "vLLM --speculative-config method=mtp"),
-    "sglang-nextn": Format(
-        ("mtp",), write_draft_dir, check_mtp_export, "SGLang --speculative-algorithm NEXTN"
-    ),
+    "vllm-mtp": Format(write_draft_dir, check_mtp_export, "vLLM --speculative-config method=mtp"),
+    "sglang-nextn": Format(write_draft_dir, check_mtp_export, "SGLang --speculative-algorithm NEXTN"),
     "transformers": Format(
-        ("mtp",),
-        write_full_checkpoint,
-        check_mtp_export,
-        "transformers generate(use_mtp=True); vLLM/SGLang target",
+        write_full_checkpoint, check_mtp_export, "transformers generate(use_mtp=True); vLLM/SGLang target"
     ),
-    "vllm-eagle3": Format(("eagle3",), write_vllm_eagle3, check_eagle3_export, "vLLM method=eagle3"),
-    "sglang-eagle3": Format(("eagle3",), write_sglang_eagle3, check_eagle3_export, "SGLang EAGLE3"),
-    "speculators": Format(("eagle3",), write_speculators, check_eagle3_export, "vllm-project/speculators"),
-    "vllm-medusa": Format(("medusa",), write_vllm_medusa, check_medusa_export, "vLLM <= 0.32 method=medusa"),
-    "native": Format(None, write_native, None, "mtpkit eval / train --init-from"),
+    "vllm-eagle3": Format(write_vllm_eagle3, check_eagle3_export, "vLLM method=eagle3"),
+    "sglang-eagle3": Format(write_sglang_eagle3, check_eagle3_export, "SGLang EAGLE3"),
+    "speculators": Format(write_speculators, check_eagle3_export, "vllm-project/speculators"),
+    "vllm-medusa": Format(write_vllm_medusa, check_medusa_export, "vLLM <= 0.32 method=medusa"),
+    NATIVE: Format(write_native, None, "mtpkit eval / train --init-from"),
 }
+for _family in FAMILIES.values():
+    _unknown = sorted(set(_family.export_formats) - set(FORMATS))
+    if _unknown:
+        raise ImportError(f"head family {_family.name!r} declares export formats with no writer: {_unknown}")
 
 
 def formats_for(head_type: str) -> list[str]:
-    return [name for name, f in FORMATS.items() if f.heads is None or head_type in f.heads]
+    return [*head_family(head_type).export_formats, NATIVE]
 
 
 def check_export(src: HeadSource, fmt: str, k: int) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; available: {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
-    if spec.heads is not None and src.head_type not in spec.heads:
+    try:
+        supported = formats_for(src.head_type)
+    except HeadError as exc:
+        raise ExportError(f"{src.path}: {exc}") from exc
+    if fmt not in supported:
         raise ExportError(
-            f"{fmt} cannot represent a {src.head_type!r} head exactly; formats for it: "
-            f"{', '.join(formats_for(src.head_type))}"
+            f"{fmt} cannot represent a {src.head_type!r} head exactly; formats for it: {', '.join(supported)}"
         )
-    if spec.check:
-        spec.check(src, fmt, k)
+    writer = FORMATS[fmt]
+    if writer.check:
+        writer.check(src, fmt, k)
 
 
 def export_head(
@@ -77,14 +82,11 @@ def export_head(
     """Export a native head (or run directory) to `fmt` in `out`; returns `out`."""
     src = open_head(head, model)
     cfg = src.head_config
-    k = (
-        k
-        or cfg.get("train_depths")
-        or cfg.get("ttt_steps")
-        or cfg.get("num_heads")
-        or cfg.get("num_depths")
-        or 1
-    )
+    if k is None:
+        try:
+            k = default_k(src.head_type, cfg)
+        except HeadError as exc:
+            raise ExportError(f"{src.path}: {exc}") from exc
     check_export(src, fmt, k)
 
     def write(tmp: Path) -> None:

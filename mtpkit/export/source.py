@@ -16,12 +16,10 @@ from mtpkit.errors import MtpkitError
 from mtpkit.export.checkpoint import ShardedCheckpoint
 from mtpkit.heads import HEAD_WEIGHTS, head_dir, read_head_config
 from mtpkit.models.loader import (
-    _TINY_PREFIX,
-    EMBEDDED_ALIAS,
+    TargetLoadError,
     config_hash,
-    convert_gguf,
-    embedded_gguf_path,
     identity_differences,
+    resolve_target,
     tokenizer_hash,
 )
 from mtpkit.models.tiny import TINY_CONFIGS, build_tiny, tiny_tokenizer
@@ -52,22 +50,19 @@ def atomic_dir(out: Path, write) -> Path:
 
 
 def _tiny_family(spec: str) -> str | None:
-    if spec.startswith(_TINY_PREFIX) and not Path(spec).exists():
-        family = spec[len(_TINY_PREFIX) :].replace("-", "_")
-        return family if family in TINY_CONFIGS else None
-    return None
+    try:
+        return resolve_target(spec).tiny_family
+    except TargetLoadError:
+        return None
 
 
 def model_dir(spec: str) -> Path | None:
     """The local HF directory behind a target spec (None for the in-memory tiny targets)."""
-    if _tiny_family(spec):
-        return None
-    if spec == EMBEDDED_ALIAS:
-        return convert_gguf(embedded_gguf_path())
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
-    if not (path / "config.json").is_file():
+    try:
+        path = resolve_target(spec).hf_dir()
+    except TargetLoadError as exc:
+        raise ExportError(str(exc)) from exc
+    if path is not None and not (path / "config.json").is_file():
         raise ExportError(f"target {spec!r} is not a local model directory (no config.json)")
     return path
 

@@ -1,68 +1,107 @@
-"""Draft heads: one file per family, and the registry every other part goes through.
+"""Draft heads: one folder per family, and the registry every other part goes through.
 
-A head family is a config dataclass plus an nn.Module built as `Head(target, cfg)` with
-`forward_train(input_ids, hidden)` (per-depth normed states for the frozen LM head) and
-`describe()`. Heads are saved in mtpkit's native format — a directory with `config.json`
-(family, config, the identity of the target it was trained for) and `model.safetensors` —
-and loading refuses a target that differs in what the head depends on.
+A family (`heads/<name>/`) is a config dataclass, a `DraftHead` subclass built as
+`Head(target, cfg)` and its `Drafter`, registered once below with the export formats that
+represent it (`base.HeadFamily`); `base.DraftHead` states the whole interface the trainer,
+losses, decoding engine, exporters and joint training use. Heads are saved in mtpkit's native
+format — a directory with `config.json` (family, config, the identity of the target it was
+trained for) and `model.safetensors` — and loading refuses a target that differs in what the
+head depends on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from mtpkit.errors import MtpkitError
-from mtpkit.heads.diffusion import DiffusionConfig, DiffusionHead
-from mtpkit.heads.eagle3 import Eagle3Config, Eagle3Head
-from mtpkit.heads.medusa import MedusaConfig, MedusaHead
+from mtpkit.heads import diffusion, eagle3, medusa, mtp
+from mtpkit.heads.base import DepthOutputs, Drafter, DraftHead, HeadFamily, TargetModules
 from mtpkit.heads.mtp import MTPConfig, MTPHead
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
 
 log = logging.getLogger(__name__)
 
-HEADS: dict[str, tuple[type, type]] = {
-    "mtp": (MTPConfig, MTPHead),
-    "eagle3": (Eagle3Config, Eagle3Head),
-    "medusa": (MedusaConfig, MedusaHead),
-    "diffusion": (DiffusionConfig, DiffusionHead),
-}
+
+class HeadError(MtpkitError, ValueError):
+    """A head that cannot be built, loaded or used with this target."""
+
+
+def check_family(family: HeadFamily) -> None:
+    """Refuse a family that lacks a piece the rest of mtpkit relies on, naming the piece."""
+    where = f"head family {family.name!r}"
+    if not dataclasses.is_dataclass(family.config):
+        raise HeadError(f"{where}: config must be a dataclass, got {family.config!r}")
+    if not (isinstance(family.model, type) and issubclass(family.model, DraftHead)):
+        raise HeadError(f"{where}: model must subclass mtpkit.heads.base.DraftHead")
+    if getattr(family.model, "head_type", None) != family.name:
+        raise HeadError(f"{where}: model.head_type must be {family.name!r}")
+    for method in ("forward_train", "make_drafter"):
+        if getattr(family.model, method) is getattr(DraftHead, method):
+            raise HeadError(f"{where}: model does not implement {method}()")
+    missing = [m for m in ("start", "commit", "draft") if not callable(getattr(family.drafter, m, None))]
+    if missing:
+        raise HeadError(f"{where}: drafter {family.drafter.__name__} lacks {missing} (see base.Drafter)")
+    if "train_depths" not in {f.name for f in dataclasses.fields(family.config)} and not isinstance(
+        getattr(family.config, "train_depths", None), property
+    ):
+        raise HeadError(f"{where}: config needs train_depths (a field or a property)")
+
+
+FAMILIES: dict[str, HeadFamily] = {}
+
+
+def register(family: HeadFamily) -> HeadFamily:
+    check_family(family)
+    if family.name in FAMILIES:
+        raise HeadError(f"head family {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
+    return family
+
+
+for _module in (mtp, eagle3, medusa, diffusion):
+    register(_module.FAMILY)
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
 # A head is tied to these: a different value means different hidden states or token ids.
 _TARGET_MUST_MATCH = ("hidden_size", "vocab_size", "num_layers", "config_hash", "tokenizer_hash")
 
 
-class HeadError(MtpkitError, ValueError):
-    """A head that cannot be built, loaded or used with this target."""
+def head_family(head_type: str) -> HeadFamily:
+    if head_type not in FAMILIES:
+        raise HeadError(f"unknown head type {head_type!r}; available: {sorted(FAMILIES)}")
+    return FAMILIES[head_type]
 
 
 def head_config(head_type: str, fields: dict | None = None):
-    if head_type not in HEADS:
-        raise HeadError(f"unknown head type {head_type!r}; available: {sorted(HEADS)}")
-    cfg_cls = HEADS[head_type][0]
+    cfg_cls = head_family(head_type).config
     try:
         return cfg_cls(**(fields or {}))
     except (TypeError, ValueError) as exc:
         raise HeadError(f"head config for {head_type!r}: {exc}") from exc
 
 
-def build_head(target: Target, head_type: str, fields: dict | None = None) -> torch.nn.Module:
+def default_k(head_type: str, fields: dict | None = None) -> int:
+    """Draft tokens per step a head is served with unless told otherwise: its trained depths."""
+    return head_config(head_type, fields).train_depths
+
+
+def build_head(target: Target, head_type: str, fields: dict | None = None) -> DraftHead:
     cfg = head_config(head_type, fields)
     try:
-        return HEADS[head_type][1](target, cfg)
+        return head_family(head_type).model(target, cfg)
     except ValueError as exc:
         raise HeadError(f"{head_type} head for {target.name}: {exc}") from exc
 
 
-def save_head(head: torch.nn.Module, out: str | os.PathLike, target: Target) -> Path:
+def save_head(head: DraftHead, out: str | os.PathLike, target: Target) -> Path:
     """Write the head in the native format; the directory appears complete or not at all."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -123,7 +162,7 @@ def check_target(meta: dict, target: Target, where: str) -> None:
         )
 
 
-def load_head(path: str | os.PathLike, target: Target) -> torch.nn.Module:
+def load_head(path: str | os.PathLike, target: Target) -> DraftHead:
     """Load a native head directory for `target` (refused if trained for another target)."""
     path = Path(path)
     meta = read_head_config(path)
@@ -142,12 +181,19 @@ def load_head(path: str | os.PathLike, target: Target) -> torch.nn.Module:
 
 
 __all__ = [
-    "HEADS",
+    "FAMILIES",
+    "DepthOutputs",
+    "DraftHead",
+    "Drafter",
     "HeadError",
+    "HeadFamily",
     "MTPConfig",
     "MTPHead",
+    "TargetModules",
     "build_head",
+    "default_k",
     "head_dir",
+    "head_family",
     "load_head",
     "read_head_config",
     "save_head",

@@ -37,3 +37,19 @@ def init_from_target(module: torch.nn.Module, target) -> None:
     """Initialise every submodule as the target family's fresh layers are initialised."""
     for sub in module.modules():
         target.model._init_weights(sub)
+
+
+def truncate(cache, keep: int, layer_idx: int = 0) -> None:
+    """Roll a `DynamicCache` back to its first `keep` positions (transformers 5: crop(−n) drops n)."""
+    extra = cache.get_seq_length(layer_idx) - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class LastRowState:
+    """Drafters that condition only on the target's last processed row (h_{N−2})."""
+
+    def start(self, features: torch.Tensor) -> None:
+        self.last = features[-1, 0].to(self.dtype)
+
+    commit = start

@@ -17,11 +17,11 @@ import torch
 
 from mtpkit.data import chat
 from mtpkit.data.prompts import (
-    _ASSISTANT_ROLES,
-    _USER_ROLES,
+    ASSISTANT_ROLES,
+    USER_ROLES,
     Prompt,
     PromptFormatError,
-    _iter_records,
+    iter_records,
     record_prompts,
     resolve_source,
 )
@@ -46,9 +46,9 @@ def record_dialogue(record: dict, where: str) -> list[tuple[Prompt, list[str]]]:
                 content = msg.get("content", msg.get("value"))
                 if role == "system":
                     system = content
-                elif role in _USER_ROLES:
+                elif role in USER_ROLES:
                     users.append(content)
-                elif role in _ASSISTANT_ROLES:
+                elif role in ASSISTANT_ROLES:
                     if len(answers) != len(users) - 1:
                         raise PromptFormatError(
                             f"{where}: {key}[{i}] is an assistant turn without a user turn"
@@ -88,7 +88,7 @@ def load_sft_examples(
 ) -> list[Example]:
     examples = []
     for raw in paths:
-        for record, where in _iter_records(resolve_source(raw), skip_bad=False):
+        for record, where in iter_records(resolve_source(raw), skip_bad=False):
             for prompt, answers in record_dialogue(record, where):
                 ex = build_example(tokenizer, prompt, answers, eos_id, system_prompt)
                 ex.ids, ex.mask = ex.ids[:max_seq_len], ex.mask[:max_seq_len]
@@ -99,7 +99,7 @@ def load_sft_examples(
     return examples
 
 
-def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_examples(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T] and mask [B, T] (False on padding)."""
     T = max(len(e.ids) for e in examples)
     ids = torch.zeros(len(examples), T, dtype=torch.long)
@@ -147,6 +147,6 @@ class RLPrompt:
 def load_rl_prompts(paths: list[str], record_format: str | None = None) -> list[RLPrompt]:
     out = []
     for raw in paths:
-        for record, where in _iter_records(resolve_source(raw), skip_bad=False):
+        for record, where in iter_records(resolve_source(raw), skip_bad=False):
             out += [RLPrompt(p, record) for p in record_prompts(record, where, record_format)]
     return out

@@ -7,20 +7,33 @@ the model's update is exactly what it would be without the head — an MTP gradi
 the trunk inflates grad norms and collapses entropy in RL (veRL, SkyRL). Undetached training is
 opt-in and logged.
 
-Targets: `ce` (hard labels: the shifted tokens), `soft_ce` (the model's own detached next-token
-distribution; computed as KL(p‖q), which differs from soft CE by the constant H(p) and has the
-same gradient), `tv` (total variation; 1 − TV is the expected acceptance of one draft).
+Loss kinds, as in head training: `ce` (hard labels: the shifted tokens), `kl` (the model's own
+detached next-token distribution — soft CE, which differs from KL(p‖q) by the constant H(p) and
+has the same gradient; `target: soft_ce` in older configs), `tv` (total variation; 1 − TV is the
+expected acceptance of one draft).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from mtpkit.heads import (
+    FAMILIES,
+    DraftHead,
+    HeadError,
+    TargetModules,
+    build_head,
+    head_dir,
+    head_family,
+    load_head,
+    read_head_config,
+)
+from mtpkit.models import Target
+from mtpkit.train.config import LossConfig
 from mtpkit.train.losses import depth_losses, depth_weights
 
 log = logging.getLogger(__name__)
@@ -30,18 +43,21 @@ DETACHABLE = ("hidden", "embed", "lm_head")
 
 
 @dataclass
-class MTPLossConfig:
+class MTPLossConfig(LossConfig):
+    """The head trainer's loss settings (`kind`: ce | kl | tv, depth weights, chunking) plus what
+    joint training adds: on/off, α and which paths into the model are cut."""
+
     enabled: bool = True
     scaling_factor: float = 0.1  # veRL's mtp_loss_scaling_factor, Megatron's --mtp-loss-scaling-factor
-    target: str = "ce"  # ce | soft_ce | tv
     detach: list[str] = field(default_factory=lambda: list(DETACHABLE))  # any of hidden, embed, lm_head
-    depth_weights: list[float] | None = None
-    depth_decay: float = 1.0
-    chunk_size: int = 1024
+    target: str | None = None  # the older name of `kind`: ce | soft_ce (= kl) | tv
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise ValueError(f"mtp.target must be one of {sorted(TARGETS)}, got {self.target!r}")
+        if self.target is not None:
+            if self.target not in TARGETS:
+                raise ValueError(f"mtp.target must be one of {sorted(TARGETS)}, got {self.target!r}")
+            self.kind = TARGETS[self.target]
+        super().__post_init__()
         unknown = sorted(set(self.detach) - set(DETACHABLE))
         if unknown:
             raise ValueError(f"mtp.detach: unknown entries {unknown}; choose from {list(DETACHABLE)}")
@@ -79,23 +95,32 @@ class _DetachedLinear(nn.Module):
         self.weight = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # diffusion heads decode through it in eval
+        return nn.functional.linear(x, self.weight, self.bias)
 
-@contextlib.contextmanager
-def _frozen_views(head, detach: list[str]):
-    """Point the head's borrowed embedding / LM head at detached views for one forward."""
-    embed, lm_head = head._frozen
-    head._frozen = (
+
+def detached_views(head: DraftHead, detach: list[str]) -> TargetModules:
+    """The head's borrowed embedding / LM head, as detached views where `detach` asks."""
+    embed, lm_head = head.embed_tokens, head.target_lm_head
+    return TargetModules(
         _DetachedEmbedding(embed) if "embed" in detach else embed,
         _DetachedLinear(lm_head) if "lm_head" in detach else lm_head,
     )
-    try:
-        yield
-    finally:
-        head._frozen = (embed, lm_head)
+
+
+def check_joint_head(head_type: str) -> None:
+    """Refuse up front a head family joint training cannot train, naming those it can."""
+    family = head_family(head_type)
+    if not family.model.supports_joint:
+        supported = sorted(name for name, f in FAMILIES.items() if f.model.supports_joint)
+        raise HeadError(
+            f"head_type {head_type!r} cannot be trained jointly (it reads target layers other than the "
+            f"final hidden state, which the model's training forward does not provide); supported: {supported}"
+        )
 
 
 def mtp_loss(
-    head,
+    head: DraftHead,
     hidden: torch.Tensor,
     ids: torch.Tensor,
     mask: torch.Tensor,
@@ -115,10 +140,27 @@ def mtp_loss(
     weights = weights if weights is not None else depth_weights(head.cfg.train_depths)
     if "hidden" in detach:
         hidden = hidden.detach()
-    with _frozen_views(head, list(detach)):
+    with head.borrowing(detached_views(head, list(detach))):
         return depth_losses(head, ids, hidden, mask.bool(), weights, TARGETS[target], chunk_size)
 
 
-def mtp_loss_from_config(head, hidden, ids, mask, cfg: MTPLossConfig):
-    weights = depth_weights(head.cfg.train_depths, cfg.depth_weights, cfg.depth_decay)
-    return mtp_loss(head, hidden, ids, mask, cfg.target, cfg.detach, weights, cfg.chunk_size)
+def mtp_loss_from_config(head: DraftHead, hidden, ids, mask, cfg: MTPLossConfig):
+    decay = cfg.depth_decay if cfg.depth_decay is not None else head.default_depth_decay
+    weights = depth_weights(head.cfg.train_depths, cfg.depth_weights, decay)
+    target = {kind: name for name, kind in TARGETS.items()}[cfg.kind]
+    return mtp_loss(head, hidden, ids, mask, target, cfg.detach, weights, cfg.chunk_size)
+
+
+def joint_head_type(head_type: str, init_head: str | None) -> str:
+    """The family a joint recipe will train (`init_head`'s, if given), refused — naming the
+    families that work — when joint training cannot train it. Cheap: call it before any work."""
+    if init_head:
+        head_type = read_head_config(head_dir(init_head))["head_type"]
+    check_joint_head(head_type)
+    return head_type
+
+
+def build_joint_head(head_type: str, fields: dict, init_head: str | None, target: Target) -> DraftHead:
+    """The head a joint recipe trains: loaded from `init_head` or built fresh."""
+    head_type = joint_head_type(head_type, init_head)
+    return load_head(head_dir(init_head), target) if init_head else build_head(target, head_type, fields)

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from mtpkit.errors import MtpkitError
-from mtpkit.models import Target
+from mtpkit.heads import save_head
+from mtpkit.models import Target, load_target
+from mtpkit.train.checkpoint import TRAINABLE, load_checkpoint, save_checkpoint
+from mtpkit.train.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +153,56 @@ def policy_forward(policy: Policy, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class JointOptimConfig:
+class JointOptimConfig(OptimConfig):
+    """The head trainer's optimizer settings, plus the head's own LR and clip (the model's are
+    `lr` / `grad_clip`). Joint recipes batch with data.batch_size / algo.micro_batch_size."""
+
     lr: float = 1e-5  # model (LoRA adapters take ~1e-4)
     head_lr: float = 1e-4
     grad_clip: float = 1.0  # model
     head_grad_clip: float = 1.0  # head, clipped on its own
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 0
+    schedule: str = "constant"  # after warmup; cosine | linear decay to min_lr_ratio over max_steps
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grad_accum != 1:
+            raise ValueError(
+                "grad_accum is not used by sft / rl; set data.batch_size or algo.micro_batch_size"
+            )
+
+
+def restore_joint(ckpt: Path, head, target: Target, optimizer, scheduler, policy: Policy) -> dict:
+    """Restore a joint-training checkpoint: head, optimizer, RNG and the model's trained weights."""
+    from safetensors.torch import load_file
+
+    state = load_checkpoint(ckpt, head, target, optimizer, scheduler)
+    if (ckpt / TRAINABLE).is_file():
+        trained = load_file(str(ckpt / TRAINABLE))
+        missing = set(policy.named_trainable()) - set(trained)
+        if missing:
+            raise PolicyError(f"{ckpt / TRAINABLE}: lacks trained weights {sorted(missing)[:3]}...")
+        policy.model.load_state_dict(trained, strict=False)
+    return state
+
+
+def save_joint_checkpoint(
+    run: Path, step: int, head, target: Target, optimizer, scheduler, data: dict, policy: Policy
+):
+    """A joint-training checkpoint: head, optimizer, RNG, data position and the model's trained weights."""
+    save_checkpoint(
+        run, step, head, target, optimizer, scheduler, {"data": data}, tensors=policy.named_trainable()
+    )
+
+
+def finish_joint(policy: Policy, head, run: Path, target: Target, merged: bool) -> tuple[Path, Path]:
+    """Write `run/model` (merged HF directory, or the peft adapter) and `run/head`; the head is
+    saved for the fine-tuned model, so `mtpkit eval --model run/model` accepts it."""
+    head.eval()
+    merged = merged or policy.peft_model is None
+    model_dir = save_policy(policy, run / "model", merged=merged)
+    save_head(head, run / "head", load_target(model_dir) if merged else target)
+    return model_dir, run / "head"
 
 
 def save_policy(policy: Policy, out: str | Path, merged: bool = True) -> Path:

@@ -30,38 +30,42 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from mtpkit.config import to_dict
 from mtpkit.data import chat
 from mtpkit.decode.engine import SpeculativeDecoder
 from mtpkit.decode.metrics import AcceptanceStats
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import save_head
 from mtpkit.joint.data import RLPrompt, load_rl_prompts
-from mtpkit.joint.mtp_loss import MTPLossConfig, mtp_loss_from_config, warn_if_undetached
+from mtpkit.joint.mtp_loss import (
+    MTPLossConfig,
+    build_joint_head,
+    check_joint_head,
+    joint_head_type,
+    mtp_loss_from_config,
+    warn_if_undetached,
+)
 from mtpkit.joint.policy import (
     JointOptimConfig,
     Policy,
     PolicyConfig,
     clip_separately,
+    finish_joint,
     make_optimizer,
     policy_forward,
     prepare_policy,
-    save_policy,
+    restore_joint,
+    save_joint_checkpoint,
 )
 from mtpkit.joint.rewards import Reward, get_reward, overlong_penalty
-from mtpkit.joint.sft import _build_head, resume_state
 from mtpkit.models import Target, load_target
-from mtpkit.train.checkpoint import save_checkpoint
+from mtpkit.train.frame import Cadence, Run, lr_lambda, seed_everything
 from mtpkit.train.losses import shifted_labels
-from mtpkit.train.trainer import MetricsLogger, add_depth_stats, depth_metrics
+from mtpkit.train.metrics import add_depth_stats, depth_metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,9 @@ class RLConfig:
     save_every: int = 10
     save_merged: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        check_joint_head(self.head_type)
 
 
 # ---------------------------------------------------------------------------- DAPO pieces
@@ -194,7 +201,7 @@ class Completion:
 
 
 @torch.no_grad()
-def generate(
+def generate_rollouts(
     target: Target, head, prompt_ids: list[list[int]], cfg: RolloutConfig, seed: int
 ) -> tuple[list[Completion], AcceptanceStats, float]:
     """Sample one completion per prompt with mtpkit's engine; speculative when `head` is given.
@@ -422,7 +429,9 @@ def sample_groups(policy: Policy, head, stream: PromptStream, rewards, cfg: RLCo
         prompts = [p for p in stream.take(need) for _ in range(a.group_size)]
         ids = [prompt_ids(tok, p, cfg.system_prompt) for p in prompts]
         seed = cfg.seed * 1_000_003 + step * 101 + rnd
-        comps, stats, secs = generate(policy.target, head if r.enable_rollout else None, ids, r, seed)
+        comps, stats, secs = generate_rollouts(
+            policy.target, head if r.enable_rollout else None, ids, r, seed
+        )
         if r.enable_rollout:
             acc.merge(stats)
         seconds += secs
@@ -460,84 +469,71 @@ def sample_groups(policy: Policy, head, stream: PromptStream, rewards, cfg: RLCo
 
 def rl(cfg: RLConfig, resume: bool = False, target: Target | None = None, reward_fns=None) -> dict:
     """Run GRPO/DAPO for `cfg.max_steps` steps; `reward_fns` overrides `cfg.rewards` with callables."""
-    run = Path(cfg.out)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise RLError(f"{run}: run directory is not empty; pass --resume or choose another --out")
+    run = Run(cfg.out, resume, RLError)
+    joint_head_type(cfg.head_type, cfg.init_head)
     if not cfg.prompts:
         raise RLError("set prompts: prompt files with the fields the rewards need (e.g. GSM8K train)")
     a = cfg.algo
     if a.group_size < 2:
         raise RLError("algo.group_size must be >= 2 (advantages are normalised within a group)")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     rewards = reward_fns or [get_reward(n) for n in cfg.rewards]
     prompts = load_rl_prompts(cfg.prompts, cfg.format)[: cfg.max_prompts]
     target = target or load_target(cfg.model)
     target.identity()
-    head = _build_head(cfg.head, cfg.head_type, cfg.init_head, target)
+    head = build_joint_head(cfg.head_type, cfg.head, cfg.init_head, target)
     policy = prepare_policy(target, cfg.policy)
     head.train()
     warn_if_undetached(cfg.mtp)
     o = cfg.optim
     optimizer = make_optimizer(policy, head, o.lr, o.head_lr, o.betas, o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(o.warmup_steps, o.schedule, o.min_lr_ratio, cfg.max_steps)
+    )
     reference = _reference(policy, a.beta)
     stream = PromptStream(prompts, cfg.seed)
 
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = MetricsLogger(run)
+    run.open(to_dict(cfg))
+    state = run.restore(lambda ckpt: restore_joint(ckpt, head, target, optimizer, scheduler, policy))
     step = 0
-    state = resume_state(run, head, target, optimizer, scheduler, policy) if resume else None
     if state is not None:
         step = state["step"]
         stream.load_state_dict(state["data"])
-        logger.truncate_after(step)
     history = []
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress or None)
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            sampled = sample_groups(policy, head, stream, rewards, cfg, step)
-            metrics = dict(sampled["stats"])
-            groups = sampled["groups"]
-            if groups:
-                comps = [c for g in groups for c in g]
-                adv = group_advantages(torch.tensor([c.reward for c in comps]), a.group_size, a.adv_eps)
-                seqs = build_sequences(comps, adv, a.mask_truncated)
-                metrics.update(update(policy, head, optimizer, seqs, cfg, reference))
-            else:
-                log.warning("step %d: every group had equal rewards; no update", step + 1)
-            scheduler.step()
-            step += 1
-            metrics["step_seconds"] = time.perf_counter() - t0
-            history.append(metrics)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                logger.log(step, "train", metrics)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_checkpoint(
-                    run,
-                    step,
-                    head,
-                    target,
-                    optimizer,
-                    scheduler,
-                    {"data": stream.state_dict()},
-                    tensors=policy.named_trainable(),
-                )
-    finally:
-        bar.close()
-        logger.close()
-    head.eval()
-    merged = cfg.save_merged or policy.peft_model is None
-    model_dir = save_policy(policy, run / "model", merged=merged)
-    save_head(head, run / "head", load_target(model_dir) if merged else target)
+
+    def train_step(step: int) -> dict:
+        t0 = time.perf_counter()
+        sampled = sample_groups(policy, head, stream, rewards, cfg, step)
+        metrics = dict(sampled["stats"])
+        groups = sampled["groups"]
+        if groups:
+            comps = [c for g in groups for c in g]
+            adv = group_advantages(torch.tensor([c.reward for c in comps]), a.group_size, a.adv_eps)
+            seqs = build_sequences(comps, adv, a.mask_truncated)
+            metrics.update(update(policy, head, optimizer, seqs, cfg, reference))
+        else:
+            log.warning("step %d: every group had equal rewards; no update", step + 1)
+        scheduler.step()
+        metrics["step_seconds"] = time.perf_counter() - t0
+        history.append(metrics)
+        return dict(metrics)
+
+    def save(step: int) -> None:
+        save_joint_checkpoint(run.dir, step, head, target, optimizer, scheduler, stream.state_dict(), policy)
+
+    step, _ = run.loop(
+        Cadence(cfg.max_steps, cfg.log_every, cfg.save_every),
+        step,
+        train_step,
+        save,
+        progress=cfg.progress,
+        postfix=lambda m: {"reward": f"{m['reward_mean']:.2f}"},
+    )
+    model_dir, head_out = finish_joint(policy, head, run.dir, target, cfg.save_merged)
     return {
-        "run": str(run),
+        "run": str(run.dir),
         "model": str(model_dir),
-        "head": str(run / "head"),
+        "head": str(head_out),
         "step": step,
         "history": history,
     }

@@ -11,33 +11,37 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
 from mtpkit.config import to_dict
 from mtpkit.errors import MtpkitError
-from mtpkit.heads import build_head, load_head, save_head
-from mtpkit.joint.data import Batches, collate, load_sft_examples
-from mtpkit.joint.mtp_loss import MTPLossConfig, mtp_loss_from_config, warn_if_undetached
+from mtpkit.joint.data import Batches, collate_examples, load_sft_examples
+from mtpkit.joint.mtp_loss import (
+    MTPLossConfig,
+    build_joint_head,
+    check_joint_head,
+    joint_head_type,
+    mtp_loss_from_config,
+    warn_if_undetached,
+)
 from mtpkit.joint.policy import (
     JointOptimConfig,
     Policy,
     PolicyConfig,
     clip_separately,
+    finish_joint,
     make_optimizer,
     policy_forward,
     prepare_policy,
-    save_policy,
+    restore_joint,
+    save_joint_checkpoint,
 )
 from mtpkit.models import Target, load_target
-from mtpkit.train.checkpoint import TRAINABLE, latest_checkpoint, load_checkpoint, save_checkpoint
+from mtpkit.train.frame import Cadence, Run, lr_lambda, seed_everything
 from mtpkit.train.losses import lm_loss, shifted_labels
-from mtpkit.train.trainer import MetricsLogger, add_depth_stats, add_sim_tau, depth_metrics, sim_tau_metrics
+from mtpkit.train.metrics import add_depth_stats, add_sim_tau, depth_metrics, sim_tau_metrics
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,9 @@ class SFTConfig:
     save_merged: bool = True  # false: write the peft adapter only (lora / qlora)
     progress: bool = True
 
+    def __post_init__(self):
+        check_joint_head(self.head_type)
+
 
 def joint_loss(policy: Policy, head, ids, mask, mtp_cfg: MTPLossConfig, chunk_size: int = 1024):
     """CE on masked tokens + α · MTP from one forward pass; returns (loss, ce, mtp stats, top-1 hits)."""
@@ -91,11 +98,11 @@ def joint_loss(policy: Policy, head, ids, mask, mtp_cfg: MTPLossConfig, chunk_si
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, head, examples, cfg: SFTConfig) -> dict:
+def held_out_metrics(policy: Policy, head, examples, cfg: SFTConfig) -> dict:
     sums: dict[str, float] = {"ce_sum": 0.0, "ce_count": 0.0, "hits": 0.0}
     eval_mtp = MTPLossConfig(**{**to_dict(cfg.mtp), "enabled": True, "scaling_factor": 1.0})
     for start in range(0, len(examples), cfg.data.batch_size):
-        ids, mask = collate(examples[start : start + cfg.data.batch_size])
+        ids, mask = collate_examples(examples[start : start + cfg.data.batch_size])
         _, ce, stats, hit = joint_loss(policy, head, ids, mask, eval_mtp)
         sums["ce_sum"] += float(ce) * len(hit)
         sums["ce_count"] += len(hit)
@@ -111,35 +118,12 @@ def evaluate(policy: Policy, head, examples, cfg: SFTConfig) -> dict:
     }
 
 
-def _build_head(cfg_head: dict, head_type: str, init_head: str | None, target: Target):
-    return load_head(init_head, target) if init_head else build_head(target, head_type, cfg_head)
-
-
-def resume_state(run: Path, head, target, optimizer, scheduler, policy: Policy) -> dict | None:
-    """Restore the newest checkpoint of `run` (head, optimizer, RNG, model weights) or None."""
-    from safetensors.torch import load_file
-
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        return None
-    state = load_checkpoint(ckpt, head, target, optimizer, scheduler)
-    if (ckpt / TRAINABLE).is_file():
-        missing = set(policy.named_trainable()) - set(load_file(str(ckpt / TRAINABLE)))
-        if missing:
-            raise SFTError(f"{ckpt / TRAINABLE}: lacks trained weights {sorted(missing)[:3]}...")
-        policy.model.load_state_dict(load_file(str(ckpt / TRAINABLE)), strict=False)
-    log.info("resumed %s at step %d", ckpt, state["step"])
-    return state
-
-
 def sft(cfg: SFTConfig, resume: bool = False, target: Target | None = None) -> dict:
-    run = Path(cfg.out)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise SFTError(f"{run}: run directory is not empty; pass --resume or choose another --out")
+    run = Run(cfg.out, resume, SFTError)
+    joint_head_type(cfg.head_type, cfg.init_head)
     if not cfg.data.paths:
         raise SFTError("set data.paths: SFT record files (JSONL with answers, e.g. GSM8K train)")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     target = target or load_target(cfg.model)
     target.identity()  # of the base model, before it changes
     tok = target.tokenizer
@@ -150,87 +134,69 @@ def sft(cfg: SFTConfig, resume: bool = False, target: Target | None = None) -> d
     held, train_examples = examples[: cfg.data.eval_examples], examples[cfg.data.eval_examples :]
     if len(train_examples) < cfg.data.batch_size:
         raise SFTError(f"{cfg.data.paths}: {len(train_examples)} training examples, fewer than one batch")
-    head = _build_head(cfg.head, cfg.head_type, cfg.init_head, target)  # before quantization
+    head = build_joint_head(cfg.head_type, cfg.head, cfg.init_head, target)  # before quantization
     policy = prepare_policy(target, cfg.policy)
     head.train()
     warn_if_undetached(cfg.mtp)
     o = cfg.optim
     optimizer = make_optimizer(policy, head, o.lr, o.head_lr, o.betas, o.weight_decay)
-    warm = max(o.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(o.warmup_steps, o.schedule, o.min_lr_ratio, cfg.max_steps)
+    )
     batches = Batches(train_examples, cfg.data.batch_size, cfg.seed)
 
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = MetricsLogger(run)
+    run.open(to_dict(cfg))
+    state = run.restore(lambda ckpt: restore_joint(ckpt, head, target, optimizer, scheduler, policy))
     step = 0
-    state = resume_state(run, head, target, optimizer, scheduler, policy) if resume else None
     if state is not None:
         step = state["step"]
         batches.load_state_dict(state["data"])
-        logger.truncate_after(step)
-    last_eval: dict = {}
-    if held and step == 0:  # the starting point: the base model and the untrained head
-        logger.log(0, "eval", evaluate(policy, head, held, cfg))
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not cfg.progress or None)
-    try:
-        while step < cfg.max_steps:
-            ids, mask = collate(batches.next())
-            optimizer.zero_grad(set_to_none=True)
-            loss, ce, stats, hit = joint_loss(policy, head, ids, mask, cfg.mtp)
-            if not math.isfinite(loss.item()):
-                raise SFTError(f"step {step + 1}: loss is {loss.item()}; lower optim.lr")
-            loss.backward()
-            gn_model, gn_head = clip_separately(optimizer, (o.grad_clip, o.head_grad_clip))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                sums: dict[str, float] = {}
-                add_depth_stats(sums, stats)
-                logger.log(
-                    step,
-                    "train",
-                    {
-                        "loss": loss.item(),
-                        "ce": ce.item(),
-                        "acc": float(hit.float().mean()),
-                        "grad_norm_model": gn_model,
-                        "grad_norm_head": gn_head,
-                        **depth_metrics(sums, len(stats)),
-                    },
-                )
-                bar.set_postfix(ce=f"{ce.item():.3f}")
-            if held and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                head.eval()
-                last_eval = evaluate(policy, head, held, cfg)
-                head.train()
-                logger.log(step, "eval", last_eval)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_checkpoint(
-                    run,
-                    step,
-                    head,
-                    target,
-                    optimizer,
-                    scheduler,
-                    {"data": batches.state_dict()},
-                    tensors=policy.named_trainable(),
-                )
-    finally:
-        bar.close()
-        logger.close()
-    head.eval()
-    merged = cfg.save_merged or policy.peft_model is None
-    model_dir = save_policy(policy, run / "model", merged=merged)
-    # The head is saved for the fine-tuned model, so `mtpkit eval --model out/model` accepts it.
-    head_target = load_target(model_dir) if merged else target
-    save_head(head, run / "head", head_target)
+
+    def train_step(step: int) -> dict:
+        ids, mask = collate_examples(batches.next())
+        optimizer.zero_grad(set_to_none=True)
+        loss, ce, stats, hit = joint_loss(policy, head, ids, mask, cfg.mtp)
+        if not math.isfinite(loss.item()):
+            raise SFTError(f"step {step + 1}: loss is {loss.item()}; lower optim.lr")
+        loss.backward()
+        gn_model, gn_head = clip_separately(optimizer, (o.grad_clip, o.head_grad_clip))
+        optimizer.step()
+        scheduler.step()
+        sums: dict[str, float] = {}
+        add_depth_stats(sums, stats)
+        return {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "acc": float(hit.float().mean()),
+            "grad_norm_model": gn_model,
+            "grad_norm_head": gn_head,
+            **depth_metrics(sums, len(stats)),
+        }
+
+    def evaluate_held_out() -> dict:
+        head.eval()
+        metrics = held_out_metrics(policy, head, held, cfg)
+        head.train()
+        return metrics
+
+    def save(step: int) -> None:
+        save_joint_checkpoint(run.dir, step, head, target, optimizer, scheduler, batches.state_dict(), policy)
+
+    step, last_eval = run.loop(
+        Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.eval_every),
+        step,
+        train_step,
+        save,
+        evaluate_held_out if held else None,
+        progress=cfg.progress,
+        postfix=lambda m: {"ce": f"{m['ce']:.3f}"},
+        eval_at_start=True,  # the starting point: the base model and the untrained head
+    )
+    model_dir, head_out = finish_joint(policy, head, run.dir, target, cfg.save_merged)
     return {
-        "run": str(run),
+        "run": str(run.dir),
         "model": str(model_dir),
-        "head": str(run / "head"),
+        "head": str(head_out),
         "step": step,
         "eval": last_eval,
     }

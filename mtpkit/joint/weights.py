@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-_HEAD_PARTS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+from mtpkit.export.mtp import head_to_checkpoint
+from mtpkit.heads import DraftHead
 
 
 def _full_precision(param: torch.Tensor) -> torch.Tensor:
@@ -91,22 +92,18 @@ def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return dict(revert_weight_conversion(model, dict(state)))
 
 
-def head_engine_names(head, num_target_layers: int, include_shared: bool = False) -> dict:
-    """The MTP head's weights under DeepSeek-V3 / vLLM `deepseek_mtp` names (layer L + d)."""
-    out = {}
-    for key, value in head.state_dict().items():
-        depth, _, rest = key.partition(".")[2].partition(".")  # "layers.{d}.{rest}"
-        layer = f"model.layers.{num_target_layers + int(depth)}."
-        if rest.startswith("block."):
-            rest = rest[len("block.") :]
-        elif not rest.startswith(_HEAD_PARTS):
-            raise ValueError(f"head weight {key!r} has no engine name")
-        out[layer + rest] = value.detach()  # in-memory names; engine_state_dict makes them checkpoint names
+def head_engine_names(head: DraftHead, include_shared: bool = False) -> dict[str, torch.Tensor]:
+    """The MTP head's weights under DeepSeek-V3 / vLLM `deepseek_mtp` checkpoint names (layer
+    L + d), by the one key map `mtpkit export` writes with; `include_shared` adds the copies of
+    the embedding / LM head every released MTP layer carries."""
+    if head.head_type != "mtp":
+        raise ValueError(f"only MTP heads have DeepSeek-V3 engine names, not {head.head_type!r}")
+    L = head.num_target_layers
+    out = head_to_checkpoint({k: v.detach() for k, v in head.state_dict().items()}, L)
     if include_shared:
         for d in range(head.cfg.num_depths):
-            layer = f"model.layers.{num_target_layers + d}."
-            out[layer + "embed_tokens.weight"] = head.embed_tokens.weight.detach()
-            out[layer + "shared_head.head.weight"] = head.lm_head.weight.detach()
+            out[f"model.layers.{L + d}.embed_tokens.weight"] = head.embed_tokens.weight.detach()
+            out[f"model.layers.{L + d}.shared_head.head.weight"] = head.target_lm_head.weight.detach()
     return out
 
 
@@ -114,8 +111,7 @@ def engine_state_dict(policy_model: nn.Module, head=None, include_shared: bool =
     """Policy (merged) + head weights, all under the names a serving engine loads."""
     state = merged_state_dict(policy_model)
     if head is not None:
-        model = policy_model.get_base_model() if hasattr(policy_model, "get_base_model") else policy_model
-        state.update(checkpoint_names(model, head_engine_names(head, head.num_target_layers, include_shared)))
+        state.update(head_engine_names(head, include_shared))
     return state
 
 

@@ -1,3 +1,3 @@
-from mtpkit.models.loader import EMBEDDED_ALIAS, Target, TargetLoadError, load_target
+from mtpkit.models.loader import DTYPES, EMBEDDED_ALIAS, Target, TargetLoadError, load_target
 
-__all__ = ["EMBEDDED_ALIAS", "Target", "TargetLoadError", "load_target"]
+__all__ = ["DTYPES", "EMBEDDED_ALIAS", "Target", "TargetLoadError", "load_target"]

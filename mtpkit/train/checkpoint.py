@@ -3,7 +3,7 @@
     run/checkpoints/step-000100/
       state/                head + optimizer state, sharded by torch.distributed.checkpoint
                             (one file per rank; resumable at any world size, see mtpkit.distributed)
-      head.json             head family, config and target identity (export: `export_head`)
+      head.json             head family, config and target identity (gathered by `consolidate_head`)
       trainer.pt            LR scheduler, torch and Python RNG states
       trainer_state.json    step, data position, metrics so far
       trainable.safetensors joint training (`mtpkit sft` / `rl`, one process): the trained model

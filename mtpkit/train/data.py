@@ -39,7 +39,7 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
-def collate(
+def collate_samples(
     samples: list[Sample], max_seq_len: int, layer: int = -1, feature_layers: list[int] | None = None
 ) -> Batch:
     """Right-pad samples (truncated to max_seq_len); `layer` picks the stored layer to use as
@@ -143,7 +143,7 @@ class StoreSource:
 
     def _collate(self, ids: list[int]) -> Batch:
         mine, padding = rank_batch(ids, *self.shard)
-        batch = collate([self.store[i] for i in mine], self.max_seq_len, self.layer, self.features)
+        batch = collate_samples([self.store[i] for i in mine], self.max_seq_len, self.layer, self.features)
         return masked_out(batch, padding)
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
@@ -230,7 +230,7 @@ class OnlineSource:
             Sample(torch.tensor(ids), torch.tensor(m), h) for (ids, m, _), h in zip(seqs, hidden, strict=True)
         ]
         features = None if self.feature_layers is None else [layers.index(x) for x in self.feature_layers]
-        return masked_out(collate(samples, self.max_seq_len, 0, features), padding)
+        return masked_out(collate_samples(samples, self.max_seq_len, 0, features), padding)
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
         # Online answers exist only once generated: count the held-out ones (they only pick a vocabulary;

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mtpkit.heads import DraftHead
+
 LOSS_KINDS = ("ce", "kl", "tv")
 
 
@@ -28,7 +30,7 @@ def depth_weights(num: int, weights: list[float] | None = None, decay: float = 1
 
 
 def depth_losses(
-    head,
+    head: DraftHead,
     input_ids: torch.Tensor,
     hidden: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -44,25 +46,20 @@ def depth_losses(
     the other target layers a head reads instead (EAGLE-3), `counts` the per-depth label counts
     of the global batch under data parallelism (each rank's loss is then its share of the sum).
 
-    Depth k, row i predicts t_{i+k+1} for every head family. A head may add: `output_layers(k)`
-    (its own LM head and the teacher's, e.g. a reduced vocabulary), `draft_labels` (target ids →
-    its ids, and which it can produce: others are misses, kept out of the loss), and per-row loss
-    weights returned beside its outputs (diffusion: only masked positions, schedule-weighted).
+    Depth k, row i predicts t_{i+k+1} for every head family. The head supplies its LM head and
+    teacher (`output_layers`), its vocabulary (`draft_labels`: others are misses, kept out of the
+    loss) and optional per-row loss weights (diffusion: only masked positions, schedule-weighted).
     """
-    outs = head.forward_train(input_ids, features if features is not None else hidden, depths)
-    outs, row_weights = outs if isinstance(outs, tuple) else (outs, None)
+    outputs = head.train_outputs(input_ids, features if features is not None else hidden, depths)
+    row_weights = outputs.row_weights
     total = hidden.new_zeros(())
     stats = []
-    for k, h in enumerate(outs, start=1):
+    for k, h in enumerate(outputs.states, start=1):
         labels, valid = shifted_labels(input_ids, loss_mask, k)
-        student, teacher_head = (
-            head.output_layers(k) if hasattr(head, "output_layers") else (head.lm_head, None)
-        )
+        student, teacher_head = head.output_layers(k)
         asked = valid if row_weights is None else valid & (row_weights[k - 1] > 0)
-        rows = asked
-        if hasattr(head, "draft_labels"):
-            labels, inside = head.draft_labels(labels)
-            rows = asked & inside
+        labels, inside = head.draft_labels(labels)
+        rows = asked & inside
         teacher = None
         if kind != "ce":  # the target's distribution for t_{i+k+1} comes from h0 at i+k
             T = hidden.shape[1]
@@ -175,3 +172,18 @@ def lm_loss(
         hits.append(hit)
     hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=hidden.device)
     return total, hit
+
+
+def global_label_counts(batch, depths: int, par) -> list[int] | None:
+    """Per-depth label counts of the global batch, summed over the dp ranks' parts.
+
+    Each rank divides its loss sum by these, so the ranks' losses (and gradients) add up to
+    the one-process loss of the whole batch. None in a single process: its batch is global.
+    """
+    if par.dp == 1:
+        return None
+    local = {
+        f"{k:03d}": int(shifted_labels(batch.input_ids, batch.loss_mask, k)[1].sum())
+        for k in range(1, depths + 1)
+    }
+    return [int(v) for _, v in sorted(par.reduce_sums(local).items())]

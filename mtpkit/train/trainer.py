@@ -8,23 +8,16 @@ killed run resumes to the same loss curve.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
-import time
-from pathlib import Path
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
 from mtpkit.config import to_dict
 from mtpkit.data.store import Store
 from mtpkit.distributed import init_parallel
-from mtpkit.distributed.checkpoint import export_head
+from mtpkit.distributed.checkpoint import consolidate_head
 from mtpkit.distributed.fsdp import clip_grad_norm, shard_head
-from mtpkit.distributed.sampler import global_label_counts
 from mtpkit.distributed.tensor_parallel import load_parallel_target, parallelize_target
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, head_dir, load_head
@@ -33,7 +26,9 @@ from mtpkit.models.loader import identity_differences
 from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
-from mtpkit.train.losses import depth_losses, depth_weights
+from mtpkit.train.frame import Cadence, Run, lr_lambda, seed_everything
+from mtpkit.train.losses import depth_losses, depth_weights, global_label_counts
+from mtpkit.train.metrics import add_depth_stats, add_sim_tau, depth_metrics, sim_tau_metrics
 
 log = logging.getLogger(__name__)
 
@@ -66,39 +61,8 @@ def batch_loss(
     return total * cfg.loss.scaling_factor, stats
 
 
-def simulated_tau(stats: list[dict], max_k: int) -> dict[int, tuple[float, int]]:
-    """Teacher-forced chain-acceptance estimate per K: 1 + E[Σ_j Π_{d≤j} hit_d] over rows
-    where every depth up to K has a label. Returns {K: (sum of accepted + 1, rows)}."""
-    out = {}
-    for K in range(1, min(max_k, len(stats)) + 1):
-        rows = torch.stack([s["valid"] for s in stats[:K]]).all(0)
-        chain = torch.stack([s["hits"] for s in stats[:K]]).int().cumprod(0)  # [K, B, T]
-        accepted = chain.sum(0)[rows].float()
-        out[K] = (float((accepted + 1).sum()), int(rows.sum()))
-    return out
-
-
-def add_depth_stats(sums: dict[str, float], stats: list[dict]) -> None:
-    """Accumulate per-depth loss sums, top-1 hits and counts (from `batch_loss`) into `sums`."""
-    for k, s in enumerate(stats, start=1):
-        sums[f"loss_sum_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) + float(s["loss_sum"])
-        sums[f"loss_count_d{k}"] = sums.get(f"loss_count_d{k}", 0.0) + s.get("loss_count", s["count"])
-        sums[f"hits_d{k}"] = sums.get(f"hits_d{k}", 0.0) + float(s["hits"].sum())
-        sums[f"count_d{k}"] = sums.get(f"count_d{k}", 0.0) + s["count"]
-
-
-def depth_metrics(sums: dict[str, float], depths: int) -> dict[str, float]:
-    """Mean loss and top-1 accuracy per depth from accumulated sums."""
-    metrics = {}
-    for k in range(1, depths + 1):
-        n = max(sums.get(f"count_d{k}", 0.0), 1.0)
-        metrics[f"loss_d{k}"] = sums.get(f"loss_sum_d{k}", 0.0) / max(sums.get(f"loss_count_d{k}", n), 1.0)
-        metrics[f"acc_d{k}"] = sums.get(f"hits_d{k}", 0.0) / n
-    return metrics
-
-
 @torch.no_grad()
-def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float], reduce=dict) -> dict:
+def held_out_metrics(head, batches: list[Batch], cfg: TrainConfig, weights: list[float], reduce=dict) -> dict:
     """Held-out metrics; `reduce` sums the per-rank sums over data-parallel ranks."""
     depths = max(head.cfg.train_depths, cfg.simulate_k)
     sums: dict[str, float] = {}
@@ -108,79 +72,6 @@ def evaluate(head, batches: list[Batch], cfg: TrainConfig, weights: list[float],
         add_sim_tau(sums, stats, cfg.simulate_k)
     sums = reduce(sums)
     return {**depth_metrics(sums, head.cfg.train_depths), **sim_tau_metrics(sums, cfg.simulate_k)}
-
-
-def add_sim_tau(sums: dict[str, float], stats: list[dict], max_k: int) -> None:
-    """Accumulate the simulated-τ numerators and row counts of a batch (from `simulated_tau`)."""
-    for K, (acc, rows) in simulated_tau(stats, max_k).items():
-        sums[f"tau_sum_k{K}"] = sums.get(f"tau_sum_k{K}", 0.0) + acc
-        sums[f"tau_rows_k{K}"] = sums.get(f"tau_rows_k{K}", 0.0) + rows
-
-
-def sim_tau_metrics(sums: dict[str, float], max_k: int) -> dict[str, float]:
-    """sim_tau_k{K} for every K with rows, from sums built by `add_sim_tau`."""
-    return {
-        f"sim_tau_k{K}": sums[f"tau_sum_k{K}"] / sums[f"tau_rows_k{K}"]
-        for K in range(1, max_k + 1)
-        if sums.get(f"tau_rows_k{K}")
-    }
-
-
-# ---------------------------------------------------------------------------- logging
-class MetricsLogger:
-    """JSONL (the record) + TensorBoard (the plots). Appends, so a resumed run continues both."""
-
-    def __init__(self, run: Path, enabled: bool = True):
-        self.path = run / "metrics.jsonl"
-        self._tb, self.enabled = None, enabled  # only rank 0 of a distributed run writes
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run / "tb"))
-        except ImportError:  # tensorboard is a dependency, but never fail a run over plots
-            log.warning("tensorboard not installed; metrics go to %s only", self.path)
-
-    def log(self, step: int, split: str, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {
-            "step": step,
-            "split": split,
-            **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
-        }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{split}/{k}", v, step)
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (written after the checkpoint a run resumes from)."""
-        if self.enabled and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def lr_lambda(cfg: TrainConfig):
-    o = cfg.optim
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
-
-    return factor
 
 
 # ---------------------------------------------------------------------------- setup
@@ -245,134 +136,117 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
 
 
 def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
-    run = Path(cfg.out)
-    existing = run.exists() and any(run.iterdir())
-    if existing and not resume:
-        raise TrainingError(
-            f"{run}: run directory is not empty; pass --resume to continue it or choose another --out"
-        )
+    run = Run(cfg.out, resume, TrainingError, par.is_main)
     par.barrier()  # every rank has looked at `run` before rank 0 writes into it
     target = parallelize_target(target, par) if target else load_parallel_target(_target_spec(cfg), par)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     head = (
         load_head(head_dir(cfg.init_from), target)
         if cfg.init_from
         else build_head(target, cfg.head_type, cfg.head)
     )
-    source = _source(cfg, target, getattr(head, "feature_layers", None), (par.dp_rank, par.dp))
-    if hasattr(head, "init_vocab") and not cfg.init_from:  # a reduced vocabulary from the data's tokens
+    # Heads on the final state read `hidden`, which every batch carries; others get `features`.
+    features = None if head.feature_layers == [target.num_layers] else head.feature_layers
+    source = _source(cfg, target, features, (par.dp_rank, par.dp))
+    if head.needs_token_counts and not cfg.init_from:  # e.g. a reduced vocabulary from the data's tokens
         head.init_vocab(source.token_counts(target.vocab_size))
     head = shard_head(head, par, cfg.precision)
     head.train()
-    decay = (
-        cfg.loss.depth_decay
-        if cfg.loss.depth_decay is not None
-        else getattr(head, "default_depth_decay", 1.0)
-    )
+    decay = cfg.loss.depth_decay if cfg.loss.depth_decay is not None else head.default_depth_decay
     weights = depth_weights(head.cfg.train_depths, cfg.loss.depth_weights, decay)
     params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(o.warmup_steps, o.schedule, o.min_lr_ratio, cfg.max_steps)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
-    if par.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        resolved = to_dict(cfg)
-        resolved["head"] = head.describe()
-        (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    logger = MetricsLogger(run, enabled=par.is_main)
-    step, tokens_seen = 0, 0
-    ckpt = latest_checkpoint(run) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, head, target, optimizer, scheduler)
+    resolved = to_dict(cfg)
+    resolved["head"] = head.describe()
+    run.open(resolved)
+    progress = {"tokens_seen": 0}
+    state = run.restore(lambda ckpt: load_checkpoint(ckpt, head, target, optimizer, scheduler))
+    step = 0
+    if state is not None:
         source.load_state_dict(state["data"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        logger.truncate_after(step)
-        log.info("resumed %s at step %d", ckpt, step)
-    elif resume and existing:
-        log.warning("%s: no checkpoint to resume from; starting at step 0", run)
-        logger.truncate_after(0)
+        step, progress["tokens_seen"] = state["step"], state["tokens_seen"]
 
     eval_batches = [par.to_device(b) for b in source.eval_batches()]
     autocast = torch.autocast(par.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    quiet = not cfg.progress or not par.is_main
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=quiet or None, dynamic_ncols=True)
-    t_last, tokens_last = time.perf_counter(), tokens_seen
-    last_eval: dict = {}
-    try:
-        while step < cfg.max_steps:
-            optimizer.zero_grad(set_to_none=True)
-            loss_value, stats_sum, step_tokens = 0.0, {}, 0
-            for _ in range(cfg.optim.grad_accum):
-                batch = par.to_device(source.next_batch())
-                counts = global_label_counts(batch, head.cfg.train_depths, par)
-                with autocast:
-                    loss, stats = batch_loss(head, batch, cfg, weights, counts=counts)
-                # Data-parallel gradients are averaged over dp ranks; each loss is a share of the sum.
-                # (Always a graph, even without loss tokens: lm_loss runs an empty chunk.)
-                (loss * par.dp / cfg.optim.grad_accum).backward()
-                loss_value += loss.item() / cfg.optim.grad_accum
-                step_tokens += batch.num_tokens
-                add_depth_stats(stats_sum, stats)
-            stats_sum = par.reduce_sums({**stats_sum, "loss": loss_value, "tokens": step_tokens})
-            loss_value, tokens_seen = stats_sum.pop("loss"), tokens_seen + int(stats_sum.pop("tokens"))
-            if not math.isfinite(loss_value):
-                good = latest_checkpoint(run)
-                raise TrainingError(
-                    f"step {step + 1}: loss is {loss_value}; stopped. Last good checkpoint: {good or 'none'} "
-                    "(lower optim.lr, or use precision: fp32)"
-                )
-            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip, par)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                metrics = {
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": (tokens_seen - tokens_last) / max(now - t_last, 1e-9),
-                    "tokens": tokens_seen,
-                    **depth_metrics(stats_sum, head.cfg.train_depths),
-                }
-                logger.log(step, "train", metrics)
-                bar.set_postfix(
-                    loss=f"{loss_value:.3f}",
-                    acc1=f"{metrics['acc_d1']:.3f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}",
-                )
-                t_last, tokens_last = now, tokens_seen
-            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                head.eval()
-                with autocast:  # the training precision (FSDP's bf16 parameters need it)
-                    last_eval = evaluate(head, eval_batches, cfg, weights, par.reduce_sums)
-                head.train()
-                logger.log(step, "eval", last_eval)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_checkpoint(
-                    run,
-                    step,
-                    head,
-                    target,
-                    optimizer,
-                    scheduler,
-                    {"data": source.state_dict(), "tokens_seen": tokens_seen},
-                )
-    finally:
-        bar.close()
-        logger.close()
+    def train_step(step: int) -> dict:
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, stats_sum, step_tokens = 0.0, {}, 0
+        for _ in range(o.grad_accum):
+            batch = par.to_device(source.next_batch())
+            counts = global_label_counts(batch, head.cfg.train_depths, par)
+            with autocast:
+                loss, stats = batch_loss(head, batch, cfg, weights, counts=counts)
+            # Data-parallel gradients are averaged over dp ranks; each loss is a share of the sum.
+            # (Always a graph, even without loss tokens: lm_loss runs an empty chunk.)
+            (loss * par.dp / o.grad_accum).backward()
+            loss_value += loss.item() / o.grad_accum
+            step_tokens += batch.num_tokens
+            add_depth_stats(stats_sum, stats)
+        stats_sum = par.reduce_sums({**stats_sum, "loss": loss_value, "tokens": step_tokens})
+        loss_value = stats_sum.pop("loss")
+        progress["tokens_seen"] += int(stats_sum.pop("tokens"))
+        if not math.isfinite(loss_value):
+            good = latest_checkpoint(run.dir)
+            raise TrainingError(
+                f"step {step + 1}: loss is {loss_value}; stopped. Last good checkpoint: {good or 'none'} "
+                "(lower optim.lr, or use precision: fp32)"
+            )
+        grad_norm = clip_grad_norm(params, o.grad_clip, par)
+        optimizer.step()
+        scheduler.step()
+        return {
+            "loss": loss_value,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens": progress["tokens_seen"],
+            **depth_metrics(stats_sum, head.cfg.train_depths),
+        }
+
+    def evaluate_held_out() -> dict:
+        head.eval()
+        with autocast:  # the training precision (FSDP's bf16 parameters need it)
+            metrics = held_out_metrics(head, eval_batches, cfg, weights, par.reduce_sums)
+        head.train()
+        return metrics
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            run.dir,
+            step,
+            head,
+            target,
+            optimizer,
+            scheduler,
+            {"data": source.state_dict(), "tokens_seen": progress["tokens_seen"]},
+        )
+
+    step, last_eval = run.loop(
+        Cadence(cfg.max_steps, cfg.log_every, cfg.save_every, cfg.eval_every),
+        step,
+        train_step,
+        save,
+        evaluate_held_out if eval_batches else None,
+        progress=cfg.progress and par.is_main,
+        postfix=lambda m: {
+            "loss": f"{m['loss']:.3f}",
+            "acc1": f"{m['acc_d1']:.3f}",
+            "tok_s": f"{m['tokens_per_s']:.0f}",
+        },
+        tokens_at_start=progress["tokens_seen"],
+    )
     if par.is_main:  # the last checkpoint, gathered into one safetensors head
-        export_head(latest_checkpoint(run), run / "head")
+        consolidate_head(latest_checkpoint(run.dir), run.dir / "head")
     par.barrier()
     return {
-        "run": str(run),
-        "head": str(run / "head"),
+        "run": str(run.dir),
+        "head": str(run.dir / "head"),
         "step": step,
-        "tokens_seen": tokens_seen,
+        "tokens_seen": progress["tokens_seen"],
         "eval": last_eval,
     }

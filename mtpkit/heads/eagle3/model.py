@@ -30,13 +30,15 @@ Names follow the EAGLE-3 checkpoint that vLLM's `llama_eagle3.py` loads: `fc`, `
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from mtpkit.heads.base import DraftHead
 from mtpkit.heads.common import LinearView, attention_mask, causal_allowed, init_from_target
+from mtpkit.heads.eagle3.drafter import Eagle3Drafter
 from mtpkit.models import Target
 
 DEFAULT_DRAFT_VOCAB = 8192
@@ -117,16 +119,18 @@ def ttt_allowed(T: int, step: int, device=None) -> torch.Tensor:
     return torch.cat(blocks, dim=1)
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(DraftHead):
     head_type = "eagle3"
     default_depth_decay = 0.8  # EAGLE-3's per-step loss weights 0.8^j
+    needs_token_counts = True  # the draft vocabulary is the data's most frequent tokens
+    # Joint training feeds the model's final hidden state only; EAGLE-3 fuses three layers.
+    supports_joint = False
 
     def __init__(self, target: Target, cfg: Eagle3Config):
-        super().__init__()
         if cfg.layers is None:
             cfg.layers = default_layers(target.num_layers)
         target.check_layers(cfg.layers)
-        self.cfg = cfg
+        super().__init__(target, cfg)
         self.config = copy.deepcopy(target.config)
         self.config.num_hidden_layers = 1
         hidden = target.hidden_size
@@ -141,21 +145,12 @@ class Eagle3Head(nn.Module):
         t2d[:vocab] = True
         self.register_buffer("t2d", t2d)
         self.rotary_emb = type(target.backbone.rotary_emb)(config=self.config)
-        self._frozen = (target.embed_tokens, target.lm_head)
         init_from_target(self.fc, target)
         init_from_target(self.midlayer, target)
         self.norm.load_state_dict(target.final_norm.state_dict())
         self._copy_lm_rows()
 
     # ------------------------------------------------------------------ vocabulary
-    @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self._frozen[0]
-
-    @property
-    def target_lm_head(self) -> nn.Linear:
-        return self._frozen[1]
-
     @property
     def feature_layers(self) -> list[int]:
         return list(self.cfg.layers)
@@ -229,5 +224,8 @@ class Eagle3Head(nn.Module):
     def causal_mask(self, q_len: int, past: int, dtype: torch.dtype) -> torch.Tensor:
         return attention_mask(causal_allowed(q_len, past), self.config, dtype)
 
+    def make_drafter(self, k, dtype, pick, greedy=True) -> Eagle3Drafter:
+        return Eagle3Drafter(self, k, dtype, pick, greedy)
+
     def describe(self) -> dict:
-        return {"head_type": self.head_type, **asdict(self.cfg), "draft_vocab_size": self.draft_vocab_size}
+        return {**super().describe(), "draft_vocab_size": self.draft_vocab_size}

@@ -21,11 +21,13 @@ substitute the target's own, so a trained copy would be thrown away.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mtpkit.heads.base import DraftHead
+from mtpkit.heads.mtp.drafter import MTPDrafter
 from mtpkit.models import Target
 
 INITS = ("random", "last_layer")
@@ -92,21 +94,17 @@ class MTPModule(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-class MTPHead(nn.Module):
+class MTPHead(DraftHead):
     """D chained MTP modules over a frozen target (see module docstring)."""
 
     head_type = "mtp"
 
     def __init__(self, target: Target, cfg: MTPConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(target, cfg)
         self.config = head_model_config(target, cfg.num_depths)
-        self.num_target_layers = target.num_layers
         L = target.num_layers
         self.layers = nn.ModuleList(MTPModule(self.config, target, L + d) for d in range(cfg.num_depths))
         self.rotary_emb = type(target.backbone.rotary_emb)(config=self.config)
-        # Frozen and shared with the target: kept out of the module tree (never saved or trained).
-        self._frozen = (target.embed_tokens, target.lm_head)
         self._init_weights(target)
 
     # ------------------------------------------------------------------ init
@@ -128,12 +126,9 @@ class MTPHead(nn.Module):
 
     # ------------------------------------------------------------------ frozen pieces
     @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self._frozen[0]
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self._frozen[1]
+    def lm_head(self) -> nn.Module:
+        """Drafts use the target's LM head (vLLM / SGLang substitute it at load)."""
+        return self.target_lm_head
 
     def module_for_step(self, step: int) -> MTPModule:
         """Module used at (0-based) draft step `step`: cyclic, as vLLM / SGLang do."""
@@ -183,5 +178,5 @@ class MTPHead(nn.Module):
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(normed_hidden)
 
-    def describe(self) -> dict:
-        return {"head_type": self.head_type, **asdict(self.cfg)}
+    def make_drafter(self, k, dtype, pick, greedy=True) -> MTPDrafter:
+        return MTPDrafter(self, k, dtype, pick, greedy)

@@ -14,11 +14,13 @@ Names follow vLLM 0.32's `MedusaModel` (`blocks.{h}.layers.{l}.weight/.bias`, `l
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mtpkit.heads.base import DraftHead
+from mtpkit.heads.medusa.drafter import MedusaDrafter
 from mtpkit.models import Target
 
 
@@ -56,12 +58,11 @@ class ResidualBlock(nn.Module):
         return x
 
 
-class MedusaHead(nn.Module):
+class MedusaHead(DraftHead):
     head_type = "medusa"
 
     def __init__(self, target: Target, cfg: MedusaConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(target, cfg)
         H, V = target.hidden_size, target.vocab_size
         self.blocks = nn.ModuleList(ResidualBlock(H, cfg.num_layers, cfg.bias) for _ in range(cfg.num_heads))
         if cfg.own_lm_head:
@@ -69,12 +70,16 @@ class MedusaHead(nn.Module):
             with torch.no_grad():
                 for lm in self.lm_heads:
                     lm.weight.copy_(target.lm_head.weight)
-        self.num_target_layers = target.num_layers  # drafting reads the final hidden state
-        self._frozen = (target.lm_head,)
 
     @property
-    def target_lm_head(self) -> nn.Linear:
-        return self._frozen[0]
+    def max_draft_tokens(self) -> int:
+        return self.cfg.num_heads
+
+    def check_draft_tokens(self, k: int) -> None:
+        if k > self.cfg.num_heads:
+            raise ValueError(
+                f"a Medusa head with {self.cfg.num_heads} heads drafts at most that many tokens, not {k}"
+            )
 
     def output_layers(self, depth: int):
         student = self.lm_heads[depth - 1] if self.cfg.own_lm_head else self.target_lm_head
@@ -86,5 +91,5 @@ class MedusaHead(nn.Module):
         depths = min(depths or self.cfg.num_heads, self.cfg.num_heads)
         return [self.blocks[k](hidden) for k in range(depths)]
 
-    def describe(self) -> dict:
-        return {"head_type": self.head_type, **asdict(self.cfg)}
+    def make_drafter(self, k, dtype, pick, greedy=True) -> MedusaDrafter:
+        return MedusaDrafter(self, k, dtype, pick, greedy)

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mtpkit.heads.base import DepthOutputs, DraftHead
 from mtpkit.heads.common import attention_mask, init_from_target
+from mtpkit.heads.diffusion.drafter import DiffusionDrafter
 from mtpkit.models import Target
 
 SCHEDULERS = ("linear", "cosine", "kappa")
@@ -103,12 +105,12 @@ def unmask_counts(L: int, steps: int) -> list[int]:
     return [(L * (s + 1)) // steps - (L * s) // steps for s in range(steps)]
 
 
-class DiffusionHead(nn.Module):
+class DiffusionHead(DraftHead):
     head_type = "diffusion"
+    inference_options = ("denoising_steps",)
 
     def __init__(self, target: Target, cfg: DiffusionConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(target, cfg)
         self.config = copy.deepcopy(target.config)
         self.config.num_hidden_layers = cfg.num_hidden_layers
         if getattr(self.config, "layer_types", None):
@@ -124,20 +126,34 @@ class DiffusionHead(nn.Module):
         )
         self.norm = norm_cls(H, eps=eps)
         self.rotary_emb = type(target.backbone.rotary_emb)(config=self.config)
-        self.num_target_layers = target.num_layers  # drafting reads the final hidden state
-        self._frozen = (target.embed_tokens, target.lm_head)
         for module in (self.eh_proj, self.layers):
             init_from_target(module, target)
         nn.init.normal_(self.mask_embedding, std=getattr(self.config, "initializer_range", 0.02))
         self.norm.load_state_dict(target.final_norm.state_dict())
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self._frozen[0]
+    def lm_head(self) -> nn.Module:
+        return self.target_lm_head
 
     @property
-    def lm_head(self) -> nn.Linear:
-        return self._frozen[1]
+    def max_draft_tokens(self) -> int:
+        return self.cfg.block_length
+
+    def check_draft_tokens(self, k: int) -> None:
+        if k > self.cfg.block_length:
+            raise ValueError(
+                f"a diffusion head with block_length {self.cfg.block_length} drafts at most that many, not {k}"
+            )
+
+    def configure_inference(self, denoising_steps: int | None = None, **options) -> None:
+        """S can differ from what the head was trained / saved with."""
+        super().configure_inference(**options)
+        if denoising_steps is not None:
+            if not 1 <= denoising_steps <= self.cfg.block_length:
+                raise ValueError(
+                    f"denoising_steps must be in 1..{self.cfg.block_length} (block_length), got {denoising_steps}"
+                )
+            self.cfg.denoising_steps = denoising_steps
 
     # ------------------------------------------------------------------ the denoiser
     def denoise_pass(self, cond: torch.Tensor, anchor: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -222,5 +238,9 @@ class DiffusionHead(nn.Module):
         outs = [out[:, p].reshape(B, T, -1) for p in range(depths)]
         return outs, [weights[:, p].reshape(B, T) for p in range(depths)]
 
-    def describe(self) -> dict:
-        return {"head_type": self.head_type, **asdict(self.cfg)}
+    def train_outputs(self, input_ids, inputs, depths) -> DepthOutputs:
+        states, weights = self.forward_train(input_ids, inputs, depths)
+        return DepthOutputs(states, weights)
+
+    def make_drafter(self, k, dtype, pick, greedy=True) -> DiffusionDrafter:
+        return DiffusionDrafter(self, k, dtype, pick, greedy)

@@ -1,0 +1,109 @@
+"""Helpers shared by the test modules (fixtures stay in conftest.py; tests import these)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mtpkit.config import from_dict
+from mtpkit.data.store import Sample, Store
+from mtpkit.models.tiny import TINY_CONFIGS
+from mtpkit.train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PROMPTS_DIR = SHARED_DATA / "prompts"
+
+
+def shared_prompts(name: str) -> Path:
+    path = PROMPTS_DIR / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available (../shared/data is beside the checkout in CI)")
+    return path
+
+
+def decode_with_draft_trace(monkeypatch, target, head, k: int, ids: list[int], max_new_tokens: int):
+    """Speculative greedy decoding that also records (verified ids, drafts) at every step, so a
+    test can recompute each draft from scratch."""
+    from mtpkit.decode.engine import SpeculativeDecoder
+
+    trace = []
+    real = SpeculativeDecoder._draft
+
+    def record(self, seq):
+        drafts, probs = real(self, seq)
+        trace.append((list(seq), list(drafts)))
+        return drafts, probs
+
+    monkeypatch.setattr(SpeculativeDecoder, "_draft", record)
+    return SpeculativeDecoder(target, head, k=k).generate(ids, max_new_tokens), trace
+
+
+PERIOD = [5, 9, 14, 20, 27, 33, 41]
+
+
+def periodic_store(path, target, n=24, length=40, seed=0, layers=None, prompt_len=3):
+    """Samples cycling through PERIOD from a random phase: t_{i+1} is a function of t_i, so a
+    head must predict every depth exactly. Hidden states are the target's real ones."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        phase = int(torch.randint(0, len(PERIOD), (1,), generator=g))
+        ids = torch.tensor([PERIOD[(phase + t) % len(PERIOD)] for t in range(length)])
+        mask = torch.ones(length, dtype=torch.bool)
+        mask[:prompt_len] = False
+        hidden = target.hidden_states(ids[None], None, layers)[0].to(torch.bfloat16)
+        samples.append(Sample(ids, mask, hidden, f"periodic:{i}"))
+    with Store.open_for_append(path, target.identity(), layers or [target.num_layers], "bfloat16") as st:
+        st.commit(samples, "synthetic", {"consumed": n})
+    return path
+
+
+def train_cfg(tmp_path, store, name="run", **kw):
+    data = {
+        "out": str(tmp_path / name),
+        "data": {"store": str(store), "token_budget": 256, "eval_fraction": 0.2},
+        "head": {"num_depths": 1, "train_depths": 2},
+        "max_steps": 10,
+        "eval_every": 5,
+        "save_every": 5,
+        "log_every": 1,
+        "progress": False,
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+    }
+    for key, value in kw.items():
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    return from_dict(TrainConfig, data)
+
+
+def train_losses(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if r["split"] == "train"]
+
+
+def sharpen_router(model, seed=0):
+    """Spread router logits and biases (HF init makes every score ~0.5, i.e. near-ties)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)  # some biased scores < 0
+    return model
+
+
+def tiny_v3(**changes):
+    fields = dict(TINY_CONFIGS["deepseek_v3"], **changes)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    return sharpen_router(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
