@@ -45,14 +45,21 @@ _DECODER_FIELDS = (
     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size", "n_routed_experts",
     "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
     "first_k_dense_replace", "max_position_embeddings", "hidden_act",
+    "topk_method", "scoring_func", "moe_layer_freq",
 )  # fmt: skip
+# transformers' DeepseekV3 router (sigmoid scores + e_score_correction_bias, group top-k) in the
+# engines' vocabulary; vLLM's deepseek_v2.py defaults scoring_func to softmax and creates the
+# correction bias only for topk_method "noaux_tc"; SGLang's NextN class reads moe_layer_freq.
+_ROUTER = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_layer_freq": 1}
 
 
 def block_params(config, layer: int) -> set[str]:
     p = f"model.layers.{layer}."
     names = {f"{p}self_attn.{n}.weight" for n in _ATTN}
     names |= {f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"}
-    names |= {f"{p}mlp.gate.weight", f"{p}mlp.gate.e_score_correction_bias"}
+    names |= {f"{p}mlp.gate.weight"}
+    if config.get("topk_method") == "noaux_tc":  # else vLLM owns no bias and KeyErrors on it
+        names |= {f"{p}mlp.gate.e_score_correction_bias"}
     names |= {f"{p}mlp.shared_experts.{n}_proj.weight" for n in ("gate", "up", "down")}
     names |= {
         f"{p}mlp.experts.{e}.{n}_proj.weight"
@@ -171,3 +178,25 @@ def test_full_checkpoint_serves_mtp_from_the_target_directory(exports):
     mtp_keys = {k for k in index if vllm_mtp_param(config, k)}
     assert mtp_keys == set(load_file(str(path / "model-mtp.safetensors")))
     assert {vllm_mtp_param(config, k) for k in mtp_keys} == vllm_mtp_params(config)
+
+
+def test_deepseek_exports_carry_the_router_fields_the_engines_read(exports, tmp_path):
+    """The tiny V3 config lacked them and neither engine could build it (SGLang AttributeError,
+    vLLM KeyError on e_score_correction_bias); a target config without them still gets them."""
+    for path in exports.values():
+        config = json.loads((path / "config.json").read_text())
+        assert {k: config.get(k) for k in _ROUTER} == _ROUTER, path.name
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
+
+    fields = {k: v for k, v in TINY_CONFIGS["deepseek_v3"].items() if k not in _ROUTER}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    assert not hasattr(model.config, "topk_method")
+    model.save_pretrained(tmp_path / "target")
+    tiny_tokenizer().save_pretrained(tmp_path / "target")
+    target = load_target(str(tmp_path / "target"))
+    head = save_head(build_head(target, "mtp", {"num_depths": 1}), tmp_path / "head", target)
+    for fmt in ("vllm-mtp", "transformers"):
+        config = json.loads((export_head(head, fmt, tmp_path / fmt) / "config.json").read_text())
+        assert {k: config.get(k) for k in _ROUTER} == _ROUTER, fmt

@@ -28,12 +28,13 @@ from mtpkit.models import load_target
 from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
 
 LAYERS = [1, 2, 3]  # HF hidden_states ids, inside a 5-layer target
+ROPE_THETA = 100000.0  # SmolLM2's; not the 10000 a loader falls back to
 
 
 @pytest.fixture(scope="module")
 def llama5(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama5")
-    fields = dict(TINY_CONFIGS["llama"], num_hidden_layers=5)
+    fields = dict(TINY_CONFIGS["llama"], num_hidden_layers=5, rope_theta=ROPE_THETA)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
     model.save_pretrained(root / "target")
@@ -76,6 +77,8 @@ def test_vllm_eagle3(llama5, tmp_path):
     assert config["eagle_aux_hidden_state_layer_ids"] == LAYERS
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == LAYERS
     assert not config.get("attention_bias")  # no biases: matches the bias-free tensors
+    # speculators' converter reads the top-level rope_theta (else 10000); transformers 5 the other
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == ROPE_THETA
     assert {vllm_eagle3_param(k) for k in tensors} - {None} == vllm_eagle3_params(H)
     assert tensors["fc.weight"].shape == (H, 3 * H)
     assert tensors["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * H
@@ -115,6 +118,51 @@ def test_speculators_config(llama5, tmp_path):
     assert spec["verifier"]["architectures"] == ["LlamaForCausalLM"]
     assert config["transformer_layer_config"]["num_hidden_layers"] == 1
     assert config["eagle_aux_hidden_state_layer_ids"] == LAYERS and config["norm_before_residual"] is False
+    assert config["transformer_layer_config"]["rope_theta"] == ROPE_THETA
+
+
+def test_speculators_names_the_decoder_layer_layers_0(llama5, tmp_path):
+    """speculators 0.9 Eagle3DraftModel owns `layers.0.*`; a `midlayer.*` export loaded with only
+    "unexpected key" warnings and a random decoder layer. tests/test_engines.py loads it for real."""
+    _, head, path = llama5
+    tensors = load_file(str(export_head(path, "speculators", tmp_path / "sp") / "model.safetensors"))
+    assert not [k for k in tensors if k.startswith("midlayer.")]
+    for name, t in head.state_dict().items():
+        assert torch.equal(tensors[name.replace("midlayer.", "layers.0.")], t), name
+
+
+@pytest.mark.parametrize("fmt", ["vllm-eagle3", "sglang-eagle3", "speculators"])
+def test_full_vocabulary_head_writes_no_vocabulary_maps(llama5, tmp_path, fmt):
+    """draft_vocab_size = the target's vocabulary: vLLM builds no draft_id_to_target_id then, and
+    its loader raised on the d2t tensor; the maps are identities, so they are dropped."""
+    target = llama5[0]
+    head = build_head(target, "eagle3", {"layers": LAYERS, "draft_vocab_size": 10**6})  # clamped
+    assert head.draft_vocab_size == target.vocab_size
+    out = export_head(save_head(head, tmp_path / "full", target), fmt, tmp_path / "out")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "d2t" not in tensors and "t2d" not in tensors
+    assert tensors["lm_head.weight"].shape[0] == target.vocab_size
+    config = json.loads((out / "config.json").read_text())
+    assert config["draft_vocab_size"] == target.vocab_size
+    with torch.no_grad():  # a full vocabulary with a non-identity map has no engine form
+        head.d2t[3] = 1
+    with pytest.raises(ExportError, match="d2t is not the identity"):
+        export_head(save_head(head, tmp_path / "bad", target), fmt, tmp_path / "x")
+
+
+def test_aux_layer_zero_is_refused_per_engine(llama5, tmp_path):
+    """vLLM captures the residual stream entering layer k for k in 0..L-1 (k = 0: embeddings);
+    SGLang's ids are HF id - 1, so HF id 0 has none. The final post-norm state (L) neither."""
+    target = llama5[0]
+    path = save_head(build_head(target, "eagle3", {"layers": [0, 2, 4]}), tmp_path / "h0", target)
+    for fmt in ("vllm-eagle3", "speculators"):
+        config = json.loads((export_head(path, fmt, tmp_path / fmt) / "config.json").read_text())
+        assert config["eagle_aux_hidden_state_layer_ids"] == [0, 2, 4]
+    with pytest.raises(ExportError, match=r"sglang-eagle3: .*ids 1\.\.4.*SGLang cannot capture id 0"):
+        export_head(path, "sglang-eagle3", tmp_path / "s")
+    final = save_head(build_head(target, "eagle3", {"layers": [1, 2, 5]}), tmp_path / "h5", target)
+    with pytest.raises(ExportError, match=r"ids 0\.\.4 \(not 5 = the final"):
+        export_head(final, "vllm-eagle3", tmp_path / "v")
 
 
 def test_eagle3_refusals(llama5, tiny_llama, tmp_path):
@@ -122,7 +170,7 @@ def test_eagle3_refusals(llama5, tiny_llama, tmp_path):
     default = save_head(
         build_head(tiny_llama, "eagle3", {"draft_vocab_size": 32}), tmp_path / "d", tiny_llama
     )
-    with pytest.raises(ExportError, match=r"aux layers \[0, 1, 2\].*ids 1\.\.1"):
+    with pytest.raises(ExportError, match=r"aux layers \[0, 1, 2\].*ids 0\.\.1 \(not 2"):
         export_head(default, "vllm-eagle3", tmp_path / "x")
     two = save_head(
         build_head(target, "eagle3", {"layers": [1, 3], "draft_vocab_size": 32}), tmp_path / "t", target

@@ -112,6 +112,31 @@ def test_corrupt_and_unsupported_gguf(tmp_path, monkeypatch):
     assert not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing half-written
 
 
+def test_an_old_gguf_cache_entry_gets_its_architectures(tmp_path, monkeypatch):
+    """Caches written before `architectures` was recorded are completed in place on the next use,
+    keeping the head-identity hash (the field is volatile for config_hash)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from mtpkit.models.loader import _gguf_cache_key, config_hash, convert_gguf
+
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "old.gguf"
+    gguf_file.write_bytes(b"stand-in for a converted file" * 100)
+    entry = cache_dir() / "models" / f"old-{_gguf_cache_key(gguf_file)}"
+    entry.mkdir(parents=True)
+    AutoConfig.for_model("qwen2", num_hidden_layers=2).save_pretrained(entry)
+    raw = json.loads((entry / "config.json").read_text())
+    raw.pop("architectures", None)
+    (entry / "config.json").write_text(json.dumps(raw))
+    before = config_hash(AutoConfig.from_pretrained(entry))
+    assert convert_gguf(gguf_file) == entry
+    after = AutoConfig.from_pretrained(entry)
+    assert after.architectures == ["Qwen2ForCausalLM"] and config_hash(after) == before
+    assert not list(entry.glob("*.tmp*"))
+
+
 @pytest.mark.slow
 def test_embedded_alias_converts_once_then_loads_from_cache(smollm2, monkeypatch):
     assert smollm2.num_layers == 30 and smollm2.hidden_size == 576 and smollm2.vocab_size == 49152
@@ -121,6 +146,10 @@ def test_embedded_alias_converts_once_then_loads_from_cache(smollm2, monkeypatch
     )
     cached = list((cache_dir() / "models").glob(embedded_gguf_path().stem + "-*/model.safetensors"))
     assert len(cached) == 1
+    # Engines pick the class from `architectures` (vLLM would fall back to the model type).
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(cached[0].parent).architectures == ["LlamaForCausalLM"]
 
     import transformers
 

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from mtpkit.export.checkpoint import INDEX, SINGLE, ShardedCheckpoint
 from mtpkit.export.source import ExportError, HeadSource, _tiny_family
-from mtpkit.models.tiny import build_tiny
+from mtpkit.models.tiny import DEEPSEEK_V3_ROUTER, build_tiny
 
 # vLLM's SpeculativeConfig.hf_config_override maps exactly these model types to DeepSeekMTPModel;
 # SGLang's draft-model override maps their architectures to the NextN class.
@@ -152,6 +152,9 @@ def engine_config(src: HeadSource):
     cfg.num_hidden_layers = src.num_layers
     cfg.num_nextn_predict_layers = src.head_config["num_depths"]
     cfg.architectures = [MTP_ARCHITECTURES[src.model_type]]
+    for key, value in DEEPSEEK_V3_ROUTER.items():  # what transformers computes; the engines need them
+        if getattr(cfg, key, None) is None:
+            setattr(cfg, key, value)
     return cfg
 
 

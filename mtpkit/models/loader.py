@@ -250,6 +250,32 @@ def _gguf_cache_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def causal_lm_architectures(model_type: str) -> list[str]:
+    """transformers' causal-LM class for a model type (`["LlamaForCausalLM"]` for llama), or []."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return [name] if name else []
+
+
+def _add_architectures(model_dir: Path) -> None:
+    """Give a cached HF directory written before `architectures` was recorded its causal-LM class.
+
+    Engines pick the class from it (vLLM without it falls back to the model type, speculators'
+    verifier field came out []). The field is volatile for config_hash, so heads stay valid.
+    """
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("architectures"):
+        return
+    config["architectures"] = causal_lm_architectures(config.get("model_type", ""))
+    if not config["architectures"]:
+        return
+    tmp = config_path.with_name(f"config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)  # readers see the old or the new file, never half of one
+
+
 def convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors HF directory under the cache; return it.
 
@@ -263,6 +289,7 @@ def convert_gguf(path: Path) -> Path:
     path = Path(path)
     out = cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}"
     if (out / "config.json").is_file():
+        _add_architectures(out)
         return out
 
     arch = _gguf_architecture(path)
@@ -287,6 +314,9 @@ def convert_gguf(path: Path) -> Path:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", {"format": "pt"})
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # A GGUF-loaded config has no `architectures`; without it vLLM picks a class from the
+        # model type alone and speculators records an empty verifier architecture.
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

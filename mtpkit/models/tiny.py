@@ -37,6 +37,8 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
+DEEPSEEK_V3_ROUTER = dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1)
+
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(_COMMON, model_type="llama", num_hidden_layers=2),
     "qwen2": dict(_COMMON, model_type="qwen2", num_hidden_layers=2),
@@ -58,6 +60,11 @@ TINY_CONFIGS: dict[str, dict] = {
         qk_nope_head_dim=8,
         v_head_dim=8,
         num_nextn_predict_layers=1,
+        # Fields released V3 configs carry and transformers' DeepseekV3Config does not define
+        # (its router is always sigmoid + e_score_correction_bias): vLLM's deepseek_v2.py builds
+        # the correction bias only for noaux_tc and scores with softmax by default; SGLang's
+        # NextN class reads moe_layer_freq. Kept equal to what transformers computes.
+        **DEEPSEEK_V3_ROUTER,
     ),
 }
 
