@@ -262,3 +262,48 @@ def test_bad_eval_inputs(trained, tmp_path, tiny_llama):
         SpeculativeDecoder(tiny_llama, head, k=2).generate([5] * 1020, 10)
     untrained = build_head(tiny_llama, "mtp", {})
     assert SpeculativeDecoder(tiny_llama, untrained, k=2).generate([5, 6, 7], 5).tokens  # runs with any head
+
+
+# ---------------------------------------------------------------------------- fast paths
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_static_cache_decodes_exactly_as_the_dynamic_cache(trained, tiny_llama, k):
+    """The preallocated cache (O(1) rollback) changes nothing: same tokens, same accepted counts."""
+    head, _ = trained
+    ids = _prompt(tiny_llama)
+    runs = {
+        cache: SpeculativeDecoder(tiny_llama, head if k else None, k=k or 3, cache=cache).generate(ids, 40)
+        for cache in ("static", "dynamic")
+    }
+    assert runs["static"].tokens == runs["dynamic"].tokens
+    assert [(s.drafted, s.accepted) for s in runs["static"].steps] == [
+        (s.drafted, s.accepted) for s in runs["dynamic"].steps
+    ]
+    if k:
+        assert sum(s.accepted for s in runs["static"].steps) > 0  # rollbacks were exercised
+    with pytest.raises(DecodeError, match="cache must be one of"):
+        SpeculativeDecoder(tiny_llama, None, cache="paged")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-deepseek_v3"])
+def test_bfloat16_target_speculation_is_lossless_against_bfloat16_plain_decoding(name):
+    """Verification in the target's own dtype: greedy output equals plain greedy decoding of the
+    same bf16 target (MLA + MoE too), with a head drafting in bf16."""
+    target = load_target(name, dtype="bfloat16")
+    head = build_head(target, "mtp", {"num_depths": 1})
+    ids = [5, 9, 14, 20, 27, 33, 41, 5, 9, 14, 20]
+    plain = SpeculativeDecoder(target, None).generate(ids, 32)
+    for k in (1, 3):
+        spec = SpeculativeDecoder(target, head, k=k, draft_dtype=torch.bfloat16).generate(ids, 32)
+        assert spec.tokens == plain.tokens, k
+
+
+def test_feature_layers_come_from_hooks_exactly_as_output_hidden_states(tiny_llama):
+    from mtpkit.decode.engine import capture_layers
+
+    ids = torch.tensor([[5, 9, 14, 20, 27]])
+    layers = [0, 1, tiny_llama.num_layers - 1]
+    with torch.no_grad(), capture_layers(tiny_llama, layers) as got:
+        out = tiny_llama.backbone(input_ids=ids, output_hidden_states=True)
+    for i in layers:
+        torch.testing.assert_close(got[i], out.hidden_states[i], rtol=0, atol=0)
+    assert not tiny_llama.embed_tokens._forward_hooks  # hooks are removed after the forward

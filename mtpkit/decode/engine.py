@@ -14,12 +14,14 @@ Each head family keeps its own drafting state and caches (its `Drafter`, made by
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHead
@@ -29,6 +31,34 @@ from mtpkit.models import Target
 
 class DecodeError(MtpkitError, ValueError):
     pass
+
+
+CACHES = ("static", "dynamic")
+
+
+def _keep(captured: dict[int, torch.Tensor], i: int):
+    def hook(_module, _args, out):
+        captured[i] = out[0] if isinstance(out, tuple) else out
+
+    return hook
+
+
+@contextlib.contextmanager
+def capture_layers(target: Target, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Hidden states of HF `hidden_states` ids `layers` (0 = embeddings, i = output of decoder
+    layer i; L, the final post-norm state, is the forward's own output) caught by forward hooks
+    during one forward, instead of `output_hidden_states` keeping every layer's."""
+    captured: dict[int, torch.Tensor] = {}
+    modules = {
+        0: target.embed_tokens,
+        **{i: target.backbone.layers[i - 1] for i in range(1, target.num_layers)},
+    }
+    handles = [modules[i].register_forward_hook(_keep(captured, i)) for i in layers if i != target.num_layers]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -70,7 +100,11 @@ class SpeculativeDecoder:
         top_p: float = 1.0,
         seed: int = 0,
         draft_dtype: torch.dtype = torch.float32,
+        cache: str = "static",
     ):
+        if cache not in CACHES:
+            raise DecodeError(f"cache must be one of {CACHES}, got {cache!r}")
+        self.cache_kind = cache
         if k < 0 or (head is not None and k < 1):
             raise DecodeError(f"k (draft tokens per step) must be >= 1, got {k}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -102,22 +136,28 @@ class SpeculativeDecoder:
         return int(torch.multinomial(probs, 1, generator=self.generator)), probs
 
     # ------------------------------------------------------------------ target
-    def _target_forward(self, ids: list[int], start: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _new_cache(self, length: int):
+        """The target's KV cache for a decode of `length` positions. Static: preallocated once,
+        and rolling back is moving its length (O(1)); dynamic: grown by concatenation."""
+        if self.cache_kind == "static":
+            return StaticCache(config=self.target.config, max_cache_len=length)
+        return DynamicCache(config=self.target.config)
+
+    def _target_forward(
+        self, ids: list[int], start: int, cache, last_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [n, n_layers, H] (the drafter's layers) and logits of `ids` at positions start..
-        on top of `cache`."""
+        on top of `cache` — logits of the last row only with `last_only` (prefill: a P-row LM head
+        over a 49k vocabulary costs as much as the rest of a short prompt's forward)."""
         input_ids = torch.tensor([ids], device=self.target.device)
         position_ids = torch.arange(start, start + len(ids), device=input_ids.device)[None]
-        L = self.target.num_layers
-        out = self.target.backbone(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            output_hidden_states=any(layer != L for layer in self.feature_layers),
-        )
+        with capture_layers(self.target, self.feature_layers) as captured:
+            out = self.target.backbone(
+                input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True
+            )
         hidden = out.last_hidden_state[0]
-        layers = [hidden if i == L else out.hidden_states[i][0] for i in self.feature_layers]
-        return torch.stack(layers, dim=1), self.target.lm_head(hidden)
+        layers = [hidden if i == self.target.num_layers else captured[i][0] for i in self.feature_layers]
+        return torch.stack(layers, dim=1), self.target.lm_head(hidden[-1:] if last_only else hidden)
 
     def _draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]:
         """K proposals for positions N..N+K−1 given the N verified tokens `ids`."""
@@ -141,9 +181,9 @@ class SpeculativeDecoder:
         eos = set(self.target.eos_token_ids if eos_ids is None else eos_ids)
         start = time.perf_counter()
         result = DecodeResult(tokens=[])
-        target_cache = DynamicCache(config=self.target.config)
+        target_cache = self._new_cache(len(prompt_ids) + max_new_tokens + self.k + 1)
         # Prefill: rows 0..P−1; the first token comes from the last row.
-        features, logits = self._target_forward(prompt_ids, 0, target_cache)
+        features, logits = self._target_forward(prompt_ids, 0, target_cache, last_only=True)
         first, _ = self._pick(logits[-1])
         ids = [*prompt_ids, first]
         result.tokens.append(first)

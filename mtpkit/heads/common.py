@@ -41,7 +41,7 @@ def init_from_target(module: torch.nn.Module, target) -> None:
 
 def truncate(cache, keep: int, layer_idx: int = 0) -> None:
     """Roll a `DynamicCache` back to its first `keep` positions (transformers 5: crop(−n) drops n)."""
-    extra = cache.get_seq_length(layer_idx) - keep
+    extra = int(cache.get_seq_length(layer_idx)) - keep  # a tensor for static caches
     if extra > 0:
         cache.crop(-extra)
 

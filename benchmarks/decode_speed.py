@@ -1,0 +1,154 @@
+"""Decode-loop costs on the embedded model: plain tokens/s per cache kind and dtype beside HF
+`generate()`, verification of 1..5 rows, one draft step per head family, and the break-even τ.
+
+    .venv/bin/python benchmarks/decode_speed.py                 # ~5 min on 2 cores
+    .venv/bin/python benchmarks/decode_speed.py --tokens 32     # quicker
+
+Everything is measured side by side in one run, interleaved (each repeat runs every variant
+once), and reported as the median over repeats: absolute times on a shared 2-core machine are
+noisy, ratios within one run are what count. Heads are randomly initialised — the cost of a
+draft does not depend on what it learned. Writes benchmarks/results/decode_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mtpkit.data import chat
+from mtpkit.data.prompts import Prompt
+from mtpkit.decode.engine import SpeculativeDecoder
+from mtpkit.heads import build_head
+from mtpkit.models import EMBEDDED_ALIAS, load_target
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "Explain in a few sentences why the sky is blue."
+HEADS = {"mtp": {"num_depths": 1}, "eagle3": {}, "medusa": {}, "diffusion": {"block_length": 4}}
+
+
+def _median_ms(samples: list[float]) -> float:
+    return 1000 * statistics.median(samples)
+
+
+def plain_rates(target, ids: list[int], tokens: int, repeats: int) -> dict[str, float]:
+    """Plain greedy tokens/s (decode only, prefill excluded): engine static / dynamic, HF generate."""
+    from transformers import GenerationConfig
+
+    times: dict[str, list[float]] = {"engine_static": [], "engine_dynamic": [], "hf_generate": []}
+    gen = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    x = torch.tensor([ids])
+    for _ in range(repeats):
+        for cache in ("static", "dynamic"):
+            r = SpeculativeDecoder(target, None, cache=cache).generate(ids, tokens, eos_ids=[])
+            times[f"engine_{cache}"].append((r.seconds - r.prefill_seconds) / (len(r.tokens) - 1))
+        with torch.no_grad():
+            start = time.perf_counter()
+            target.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen)
+            times["hf_generate"].append((time.perf_counter() - start) / tokens)  # includes its prefill
+    return {name: 1 / statistics.median(t) for name, t in times.items()}
+
+
+def verify_ms(target, ids: list[int], rows: list[int], repeats: int) -> dict[int, float]:
+    """One verification forward of n rows on top of a prompt-long static cache, rolled back each time."""
+    dec = SpeculativeDecoder(target, None)
+    cache = dec._new_cache(len(ids) + max(rows) + 1)
+    with torch.no_grad():
+        dec._target_forward(ids, 0, cache, last_only=True)
+        times: dict[int, list[float]] = {n: [] for n in rows}
+        for _ in range(repeats):
+            for n in rows:
+                start = time.perf_counter()
+                dec._target_forward(ids[-n:], len(ids), cache)
+                times[n].append(time.perf_counter() - start)
+                cache.crop(-n)
+    return {n: _median_ms(t) for n, t in times.items()}
+
+
+def draft_ms(target, ids: list[int], k: int, tokens: int, repeats: int) -> dict[str, float]:
+    """Median draft time per step of K tokens (bf16 drafting, the eval default) in a real decode."""
+    out = {}
+    for name, fields in HEADS.items():
+        head = build_head(target, name, fields)
+        dec = SpeculativeDecoder(target, head, k=k, draft_dtype=torch.bfloat16)
+        per_step = []
+        for _ in range(repeats):
+            r = dec.generate(ids, tokens, eos_ids=[])
+            per_step.append(r.draft_seconds / len(r.steps))
+        out[name] = _median_ms(per_step)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per plain decode")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--k", type=int, default=3, help="draft tokens per step for the draft costs")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_speed.json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "k": args.k,
+        "dtypes": {},
+    }
+    for dtype in ("float32", "bfloat16"):
+        target = load_target(EMBEDDED_ALIAS, dtype=dtype)
+        ids = chat.start(target.tokenizer, Prompt((PROMPT,), None, "bench")).ids
+        rates = plain_rates(target, ids, args.tokens, args.repeats)
+        verify = verify_ms(target, ids, [1, 2, 3, 4, 5], args.repeats * 4)
+        drafts = draft_ms(target, ids, args.k, args.tokens // 2, args.repeats)
+        plain_ms = 1000 / rates["engine_static"]
+        step = {name: drafts[name] + verify[args.k + 1] for name in drafts}
+        results["dtypes"][dtype] = {
+            "prompt_tokens": len(ids),
+            "plain_tokens_per_s": rates,
+            "static_vs_dynamic": rates["engine_static"] / rates["engine_dynamic"],
+            "static_vs_hf_generate": rates["engine_static"] / rates["hf_generate"],
+            "verify_ms": verify,
+            "verify_ratio_4_vs_1": verify[4] / verify[1],
+            "draft_ms_k": drafts,
+            "step_ms_k": step,
+            "step_vs_plain": {name: ms / plain_ms for name, ms in step.items()},
+            # A step yields τ tokens; it pays off once τ > step cost / plain-token cost.
+            "break_even_tau": {name: ms / plain_ms for name, ms in step.items()},
+        }
+        del target
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for dtype, r in results["dtypes"].items():
+        rates = r["plain_tokens_per_s"]
+        print(
+            f"\n## {dtype} target ({r['prompt_tokens']}-token prompt, {args.tokens} new tokens, median of {args.repeats})"
+        )
+        print("| plain decoding | tokens/s |\n| --- | --- |")
+        for name, v in rates.items():
+            print(f"| {name} | {v:.1f} |")
+        print(
+            f"static / dynamic cache: {r['static_vs_dynamic']:.2f}×; static / HF generate: {r['static_vs_hf_generate']:.2f}×"
+        )
+        print("| verify rows | ms |\n| --- | --- |")
+        for n, v in r["verify_ms"].items():
+            print(f"| {n} | {v:.1f} |")
+        print(f"verify 4 rows / 1 row: {r['verify_ratio_4_vs_1']:.2f}×")
+        print(
+            f"| head (K = {args.k}, bf16 drafts) | draft ms | step ms | step / plain token = break-even τ |"
+        )
+        print("| --- | --- | --- | --- |")
+        for name in r["draft_ms_k"]:
+            print(
+                f"| {name} | {r['draft_ms_k'][name]:.1f} | {r['step_ms_k'][name]:.1f} | {r['break_even_tau'][name]:.2f} |"
+            )
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
