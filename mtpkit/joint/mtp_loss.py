@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mtpkit.config import check_fields, checked
 from mtpkit.train.losses import depth_losses, depth_weights
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ class MTPLossConfig:
     scaling_factor: float = 0.1  # veRL's mtp_loss_scaling_factor, Megatron's --mtp-loss-scaling-factor
     target: str = "ce"  # ce | soft_ce | tv
     detach: list[str] = field(default_factory=lambda: list(DETACHABLE))  # any of hidden, embed, lm_head
-    depth_weights: list[float] | None = None
-    depth_decay: float = 1.0
-    chunk_size: int = 1024
+    depth_weights: list[float] | None = checked(None, ge=0)
+    depth_decay: float = checked(1.0, gt=0)
+    chunk_size: int = checked(1024, ge=1)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -47,6 +48,7 @@ class MTPLossConfig:
             raise ValueError(f"mtp.detach: unknown entries {unknown}; choose from {list(DETACHABLE)}")
         if self.scaling_factor < 0:
             raise ValueError(f"mtp.scaling_factor must be >= 0, got {self.scaling_factor}")
+        check_fields(self)
 
     @property
     def active(self) -> bool:

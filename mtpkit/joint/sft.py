@@ -19,7 +19,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from mtpkit.config import to_dict
+from mtpkit.config import Checked, check_fields, checked, to_dict
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, load_head, save_head
 from mtpkit.joint.data import Batches, collate, load_sft_examples
@@ -36,6 +36,7 @@ from mtpkit.joint.policy import (
 )
 from mtpkit.models import Target, load_target
 from mtpkit.train.checkpoint import TRAINABLE, latest_checkpoint, load_checkpoint, save_checkpoint
+from mtpkit.train.config import check_head
 from mtpkit.train.losses import lm_loss, shifted_labels
 from mtpkit.train.trainer import MetricsLogger, add_depth_stats, add_sim_tau, depth_metrics, sim_tau_metrics
 
@@ -47,13 +48,13 @@ class SFTError(MtpkitError, RuntimeError):
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(Checked):
     paths: list[str] = field(default_factory=list)  # SFT records (see mtpkit.joint.data)
-    max_seq_len: int = 1024
-    batch_size: int = 4
+    max_seq_len: int = checked(1024, ge=2)
+    batch_size: int = checked(4, ge=1)
     system_prompt: str | None = None
-    max_examples: int | None = None
-    eval_examples: int = 16  # the first N examples are held out
+    max_examples: int | None = checked(None, ge=1)  # None: all
+    eval_examples: int = checked(16, ge=0)  # the first N examples are held out
 
 
 @dataclass
@@ -67,14 +68,19 @@ class SFTConfig:
     mtp: MTPLossConfig = field(default_factory=MTPLossConfig)
     optim: JointOptimConfig = field(default_factory=JointOptimConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    max_steps: int = 100
+    max_steps: int = checked(100, ge=1)
     seed: int = 0
-    log_every: int = 10
-    eval_every: int = 50
-    save_every: int = 50
-    simulate_k: int = 3
+    log_every: int = checked(10, ge=1)
+    eval_every: int = checked(50, ge=1)
+    save_every: int = checked(50, ge=1)
+    simulate_k: int = checked(3, ge=0, meaning="0 = no estimate")
     save_merged: bool = True  # false: write the peft adapter only (lora / qlora)
     progress: bool = True
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.init_head:
+            check_head(self.head_type, self.head)
 
 
 def joint_loss(policy: Policy, head, ids, mask, mtp_cfg: MTPLossConfig, chunk_size: int = 1024):

@@ -30,7 +30,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, head_dir, load_head
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
-from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mtpkit.train.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
 from mtpkit.train.losses import depth_losses, depth_weights
@@ -251,6 +251,8 @@ def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
         raise TrainingError(
             f"{run}: run directory is not empty; pass --resume to continue it or choose another --out"
         )
+    if resume and (ckpt := latest_checkpoint(run)) is not None:
+        check_checkpoint(ckpt)  # a broken checkpoint fails before anything in `run` is written
     par.barrier()  # every rank has looked at `run` before rank 0 writes into it
     target = parallelize_target(target, par) if target else load_parallel_target(_target_spec(cfg), par)
     torch.manual_seed(cfg.seed)
