@@ -259,8 +259,15 @@ class _Origins:
         return inside[-1] if inside else self.of(key)
 
 
+def _closest(name: str, valid: list[str]) -> str | None:
+    """The likeliest intended field: a transposition ('modle' -> 'model') first, then difflib's best."""
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    same_letters = [c for c in close if sorted(c) == sorted(name)]
+    return (same_letters or close or [None])[0]
+
+
 def _unknown(names: list[str], valid: list[str]) -> str:
-    hints = [m[0] for n in names if (m := difflib.get_close_matches(n, valid, n=1))]
+    hints = [m for n in names if (m := _closest(n, valid))]
     hint = f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""
     return f"unknown field(s) {names}{hint}"
 
