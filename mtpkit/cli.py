@@ -8,12 +8,20 @@ import logging
 import sys
 from pathlib import Path
 
-from mtpkit.config import build_config
+from mtpkit.config import config_from_args, field_help
 from mtpkit.convert.command import add_convert_parser
 from mtpkit.errors import MtpkitError
 
 # Errors that carry a message meant for the user: printed without a traceback (-v shows it).
 _USER_ERRORS: tuple[type[Exception], ...] = (MtpkitError, ValueError, OSError)
+
+
+def _config_args(p: argparse.ArgumentParser, help_text: str, metavar: str = "section.field=value") -> None:
+    """--config and dotted overrides, the same for every command (defaults < YAML < overrides < flags)."""
+    p.add_argument("--config", help=help_text)
+    p.add_argument(
+        "overrides", nargs="*", default=[], metavar=metavar, help="config overrides, applied after --config"
+    )
 
 
 def _collect_parser(sub) -> None:
@@ -25,7 +33,7 @@ def _collect_parser(sub) -> None:
         "are appended to a resumable store. Flags override --config.",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--config", help="YAML file with any of the fields below (flags override it)")
+    _config_args(p, "YAML file with any of the fields below (flags override it)", "field=value")
     p.add_argument(
         "--model", help="local HF dir, .gguf file, 'smollm2-135m-instruct' or tiny-{llama,qwen2,deepseek_v3}"
     )
@@ -57,14 +65,25 @@ def _collect_parser(sub) -> None:
     )
     p.add_argument("--dtype", choices=["bfloat16", "float16"], help="storage dtype of hidden states")
     p.add_argument("--model-dtype", dest="model_dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-prompts", dest="max_prompts", type=int)
-    p.add_argument("--max-samples", dest="max_samples", type=int)
+    p.add_argument(
+        "--max-prompts", dest="max_prompts", type=int, help="use the first N stream items (>= 1; default all)"
+    )
+    p.add_argument(
+        "--max-samples",
+        dest="max_samples",
+        type=int,
+        help="stop at N samples in the store (>= 1; default no limit)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--sample-size", dest="sample_size", type=int, help="corpus mode: tokens per window")
     p.add_argument("--stride", type=int, help="corpus mode: tokens between window starts")
     p.add_argument(
-        "--max-length", dest="max_length", type=int, help="skip prompts whose sequence would exceed this"
+        "--max-length",
+        dest="max_length",
+        type=int,
+        help="skip prompts whose sequence would exceed this (>= 2; generate mode: > --max-new-tokens; "
+        "default 4096)",
     )
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="log and skip malformed records")
     p.add_argument("--shard-mb", dest="shard_mb", type=float)
@@ -76,10 +95,7 @@ def _collect_parser(sub) -> None:
 def _run_collect(args: argparse.Namespace) -> int:
     from mtpkit.data.collect import CollectConfig, collect, format_summary
 
-    fields = {
-        k: v for k, v in vars(args).items() if k not in ("func", "config", "report", "command", "verbose")
-    }
-    cfg = build_config(CollectConfig, getattr(args, "config", None), **fields)
+    cfg = config_from_args(CollectConfig, args, exclude=("report",))
     summary = collect(cfg)
     print(format_summary(summary))
     if getattr(args, "report", None):
@@ -94,8 +110,7 @@ def _train_parser(sub) -> None:
         description="Train a draft head from a `collect` store (data.store) or online (data.online). "
         "Settings come from --config and dotted overrides such as optim.lr=3e-4 head.num_depths=3.",
     )
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
+    _config_args(p, "YAML config (see configs/)")
     p.add_argument("--out", help="run directory (same as out=...)")
     p.add_argument(
         "--head", help="head family from the registry (same as head_type=...): mtp, eagle3, medusa, diffusion"
@@ -110,14 +125,10 @@ def _train_parser(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from mtpkit.config import load_config
     from mtpkit.train.config import TrainConfig
     from mtpkit.train.trainer import train
 
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    overrides += [f"head_type={args.head}"] if args.head else []
-    overrides += [f"init_from={args.init_from}"] if args.init_from else []
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = config_from_args(TrainConfig, args, exclude=("resume",), rename={"head": "head_type"})
     result = train(cfg, resume=args.resume)
     print(f"head: {result['head']}  (step {result['step']}, {result['tokens_seen']} tokens)")
     for key, value in result["eval"].items():
@@ -126,23 +137,28 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _eval_parser(sub) -> None:
+    from mtpkit.decode.evaluate import EvalConfig
+
     p = sub.add_parser(
         "eval",
         help="measure acceptance and speedup of a trained head",
         description="Speculative decoding with a trained head on real prompts: τ, acceptance rate, "
-        "per-position acceptance and wall-clock speedup over plain decoding, measured in one run.",
+        "per-position acceptance and wall-clock speedup over plain decoding, measured in one run. "
+        "Flags override --config and dotted overrides (field=value).",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--head", required=True, help="head directory, or a training run directory")
-    p.add_argument("--prompts", nargs="+", required=True, help="prompt files in any format collect reads")
+    _config_args(p, "YAML file with any of the fields below (flags override it)", "field=value")
+    p.add_argument("--head", help="head directory, or a training run directory (required)")
+    p.add_argument("--prompts", nargs="+", help="prompt files in any format collect reads (required)")
     p.add_argument("--model", help="target spec (default: the one the head was trained for)")
     p.add_argument(
-        "-k", type=int, nargs="+", default=[3], help="draft tokens per step; several values = a sweep"
+        "-k", type=int, nargs="+", help="draft tokens per step (>= 1; default 3); several values = a sweep"
     )
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompts", type=int, help=field_help(EvalConfig, "max_prompts", "first N prompts"))
+    p.add_argument("--max-new-tokens", type=int, help=field_help(EvalConfig, "max_new_tokens"))
+    p.add_argument("--temperature", type=float, help=field_help(EvalConfig, "temperature", "0 = greedy"))
+    p.add_argument("--top-p", type=float, help=field_help(EvalConfig, "top_p"))
+    p.add_argument("--seed", type=int)
     p.add_argument("--system-prompt")
     p.add_argument(
         "--no-hf-baseline", dest="hf_baseline", action="store_false", help="skip HF generate() timing"
@@ -151,14 +167,13 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--draft-dtype",
         choices=["bfloat16", "float32"],
-        default="bfloat16",
-        help="dtype of drafting (verification always runs in the target's dtype, so output is unchanged)",
+        help="dtype of drafting (default bfloat16; verification always runs in the target's dtype, so output "
+        "is unchanged)",
     )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="the target's dtype: verification and the plain-decoding baseline both run in it",
+        help="the target's dtype (default float32): verification and the plain-decoding baseline both run in it",
     )
     p.add_argument(
         "--denoising-steps",
@@ -166,7 +181,7 @@ def _eval_parser(sub) -> None:
         help="diffusion heads: denoising passes per draft (default: the head's)",
     )
     p.add_argument(
-        "--out", default="report.json", help="report JSON (a .md summary and PNG plots go beside it)"
+        "--out", help="report JSON (default report.json; a .md summary and PNG plots go beside it)"
     )
     p.set_defaults(func=_run_eval)
 
@@ -174,34 +189,16 @@ def _eval_parser(sub) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from mtpkit.decode.evaluate import EvalConfig, evaluate, summary_markdown
 
-    cfg = EvalConfig(
-        head=args.head,
-        prompts=args.prompts,
-        out=args.out,
-        model=args.model,
-        k=args.k,
-        max_prompts=args.max_prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        system_prompt=args.system_prompt,
-        hf_baseline=args.hf_baseline,
-        progress=args.progress,
-        draft_dtype=args.draft_dtype,
-        dtype=args.dtype,
-        denoising_steps=args.denoising_steps,
-    )
+    cfg = config_from_args(EvalConfig, args)
     report = evaluate(cfg)
     print(summary_markdown(report))
-    print(f"wrote {args.out}")
+    print(f"wrote {cfg.out}")
     return 0
 
 
 def _joint_parser(sub, name: str, help_text: str, description: str) -> None:
     p = sub.add_parser(name, help=help_text, description=description)
-    p.add_argument("--config", help="YAML config (see configs/joint/)")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
+    _config_args(p, "YAML config (see configs/joint/)")
     p.add_argument("--out", help="run directory (same as out=...)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
@@ -210,16 +207,13 @@ def _joint_parser(sub, name: str, help_text: str, description: str) -> None:
 
 
 def _run_joint(args: argparse.Namespace) -> int:
-    from mtpkit.config import load_config
-
     if args.command == "sft":
         from mtpkit.joint.sft import SFTConfig as cfg_cls
         from mtpkit.joint.sft import sft as run
     else:
         from mtpkit.joint.rl import RLConfig as cfg_cls
         from mtpkit.joint.rl import rl as run
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    result = run(load_config(cfg_cls, args.config, overrides), resume=args.resume)
+    result = run(config_from_args(cfg_cls, args, exclude=("resume",)), resume=args.resume)
     print(f"model: {result['model']}\nhead:  {result['head']}  (step {result['step']})")
     return 0
 
@@ -231,17 +225,19 @@ def _demo_parser(sub) -> None:
         description="On SmolLM2-135M-Instruct: the model answers built-in prompts, an MTP head is trained on "
         "its hidden states, and speculative decoding is measured on held-out built-in prompts. Reruns reuse "
         "the store and the trained head.",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=100, help="training steps")
-    p.add_argument("-k", type=int, nargs="+", default=[3], help="draft tokens per step (several = sweep)")
+    _config_args(p, "YAML file with demo settings (flags override it)", "field=value")
+    p.add_argument("--out", help="default runs/demo")
+    p.add_argument("--steps", type=int, help="training steps (>= 1; default 100)")
+    p.add_argument("-k", type=int, nargs="+", help="draft tokens per step (>= 1; several = sweep; default 3)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from mtpkit.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, steps=args.steps, k=tuple(args.k)))
+    run_demo(config_from_args(DemoConfig, args))
     return 0
 
 
@@ -254,20 +250,25 @@ def _export_parser(sub) -> None:
         description="Export a head (or a run directory's head) to a serving format, with SERVE.md giving the "
         "exact engine command lines. Head/format pairs a format cannot represent exactly are refused. Formats: "
         + "; ".join(f"{name} ({f.engines})" for name, f in FORMATS.items()),
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--head", required=True, help="head directory, or a training run directory")
-    p.add_argument("--format", required=True, choices=list(FORMATS))
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    _config_args(p, "YAML file with any of the fields below (flags override it)", "field=value")
+    p.add_argument("--head", help="head directory, or a training run directory (required)")
+    p.add_argument("--format", choices=list(FORMATS), help="(required)")
+    p.add_argument("--out", help="output directory (required; must not exist or be empty)")
     p.add_argument("--model", help="target spec (default: the one the head was trained for)")
-    p.add_argument("-k", type=int, help="draft tokens per step in SERVE.md (default: the trained depths)")
+    p.add_argument(
+        "-k", type=int, help="draft tokens per step in SERVE.md (>= 1; default: the trained depths)"
+    )
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from mtpkit.export import export_head
+    from mtpkit.export import ExportConfig, export_head
 
-    out = export_head(args.head, args.format, args.out, model=args.model, k=args.k)
-    print(f"wrote {out} ({args.format}); serve it with the commands in {out / 'SERVE.md'}")
+    cfg = config_from_args(ExportConfig, args)
+    out = export_head(cfg.head, cfg.format, cfg.out, model=cfg.model, k=cfg.k)
+    print(f"wrote {out} ({cfg.format}); serve it with the commands in {out / 'SERVE.md'}")
     return 0
 
 
@@ -278,9 +279,11 @@ def _import_parser(sub) -> None:
         description="Stream the MTP layers (indices >= num_hidden_layers) out of a sharded safetensors "
         "checkpoint (FP8 block-quantised weights are dequantised to bf16) into a native head directory that "
         "`mtpkit train --init-from` fine-tunes and `mtpkit eval` measures.",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="head directory to write")
+    _config_args(p, "YAML file with any of the fields below (flags override it)", "field=value")
+    p.add_argument("--model", help="checkpoint directory (config.json + safetensors; required)")
+    p.add_argument("--out", help="head directory to write (required)")
     p.add_argument(
         "--target",
         help="target spec the head runs on (default: the checkpoint, or the one an export records)",
@@ -295,9 +298,10 @@ def _import_parser(sub) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from mtpkit.export.import_mtp import import_mtp
+    from mtpkit.export.import_mtp import ImportConfig, import_mtp
 
-    summary = import_mtp(args.model, args.out, target=args.target, extract_only=args.extract_only)
+    cfg = config_from_args(ImportConfig, args)
+    summary = import_mtp(cfg.model, cfg.out, target=cfg.target, extract_only=cfg.extract_only)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtpkit.config import from_dict
+from mtpkit.config import Checked, checked, from_dict
 from mtpkit.data.collect import CollectConfig, collect, format_summary
 from mtpkit.decode.evaluate import EvalConfig, evaluate
 from mtpkit.models import EMBEDDED_ALIAS, load_target
@@ -24,17 +24,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Checked):
     out: str = "runs/demo"
     model: str = EMBEDDED_ALIAS
     train_prompts: str = "builtin:demo_train"
     eval_prompts: str = "builtin:demo_eval"
-    max_new_tokens: int = 160  # per collected answer
-    steps: int = 100
-    sample_temperature: float = 0.8  # second collection pass
-    k: tuple[int, ...] = (3,)
-    eval_max_new_tokens: int = 128
-    eval_prompts_count: int = 12
+    max_new_tokens: int = checked(160, ge=1)  # per collected answer
+    steps: int = checked(100, ge=1)
+    sample_temperature: float = checked(0.8, ge=0)  # second collection pass
+    k: tuple[int, ...] = checked((3,), ge=1)
+    eval_max_new_tokens: int = checked(128, ge=1)
+    eval_prompts_count: int = checked(12, ge=1)
 
 
 def _banner(text: str) -> None:

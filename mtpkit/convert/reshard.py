@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +42,7 @@ from mtpkit.convert.megatron import (
     read_iteration,
     save_rank,
 )
+from mtpkit.io import OutputExistsError, atomic_dir
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -53,22 +52,14 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """A fresh directory that becomes `out` only if the block finishes."""
     out = Path(out)
+    message = f"{out} already exists (pass --overwrite to replace it)"
     if out.exists() and not overwrite:
-        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        raise ConvertError(message)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(out, replace=overwrite, exists_message=message) as tmp:
+            yield tmp
+    except OutputExistsError as exc:
+        raise ConvertError(str(exc)) from None
 
 
 # ---- sources ---------------------------------------------------------------------------------------

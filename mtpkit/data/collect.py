@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mtpkit.config import FieldError, check_fields, checked
 from mtpkit.data import chat
-from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, resolve_source
+from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, no_prompts_error, resolve_source
 from mtpkit.data.store import STORE_DTYPES, Sample, Store
 from mtpkit.models import Target, load_target
 
@@ -40,52 +41,43 @@ class CollectConfig:
     model: str
     prompts: list[str]
     out: str
-    mode: str = "generate"
-    format: str | None = None  # force a record format instead of detecting it per record
+    mode: str = checked("generate", choices=MODES)
+    format: str | None = checked(None, choices=FORMATS)  # force a record format instead of detecting it
     text_field: str | None = None
     all_turns: bool = False
     system_prompt: str | None = None
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    batch_size: int = 8
-    layers: list[int] | None = None  # HF hidden_states ids; default [num_layers] = final, post-norm
-    dtype: str = "bfloat16"  # storage dtype of hidden states
-    model_dtype: str = "float32"
-    max_prompts: int | None = None
-    max_samples: int | None = None
+    max_new_tokens: int = checked(256, ge=1)
+    temperature: float = checked(0.0, ge=0, meaning="0 = greedy")
+    top_p: float = checked(1.0, gt=0, le=1)
+    batch_size: int = checked(8, ge=1)
+    layers: list[int] | None = checked(None, ge=0)  # HF hidden_states ids; default [num_layers] = final
+    dtype: str = checked("bfloat16", choices=sorted(STORE_DTYPES))  # storage dtype of hidden states
+    model_dtype: str = checked("float32", choices=("float32", "bfloat16", "float16"))
+    max_prompts: int | None = checked(None, ge=1)  # None: every item of the stream
+    max_samples: int | None = checked(None, ge=1)  # None: no limit
     seed: int = 0
     shuffle: bool = False
-    sample_size: int = 2048  # corpus mode: tokens per window
-    stride: int | None = None  # corpus mode: default = sample_size (no overlap)
-    max_length: int = 4096  # longest stored sequence; longer prompts are skipped
+    sample_size: int = checked(2048, ge=2)  # corpus mode: tokens per window
+    stride: int | None = checked(None, ge=1)  # corpus mode: default = sample_size (no overlap)
+    max_length: int = checked(4096, ge=2)  # longest stored sequence; longer prompts are skipped
     skip_bad: bool = False
-    shard_mb: float = 256.0
-    commit_every_s: float = 300.0  # also commit at least this often, to bound lost work
-    forward_tokens: int = 16384  # token budget of one teacher-forced forward
+    shard_mb: float = checked(256.0, gt=0)
+    commit_every_s: float = checked(300.0, gt=0)  # also commit at least this often, to bound lost work
+    forward_tokens: int = checked(16384, ge=1)  # token budget of one teacher-forced forward
     progress: bool = True
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
-        checks = [
-            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-            (
-                self.format is None or self.format in FORMATS,
-                f"format must be one of {FORMATS}, got {self.format!r}",
-            ),
-            (self.dtype in STORE_DTYPES, f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.sample_size >= 2, "sample_size must be >= 2"),
-            (self.stride is None or self.stride >= 1, "stride must be >= 1"),
-            (bool(self.prompts), "at least one prompt source is required"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        check_fields(self)
+        if not self.prompts:
+            raise FieldError("prompts", "at least one prompt source is required")
+        if self.mode == "generate" and self.max_length <= self.max_new_tokens:
+            raise FieldError(
+                "max_length",
+                f"max_length ({self.max_length}) must exceed max_new_tokens ({self.max_new_tokens}): "
+                "prompt + answer must fit, so every prompt would be skipped",
+            )
 
 
 def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
@@ -249,6 +241,8 @@ def stream_items(target: Target, cfg: CollectConfig) -> list:
         items = load_prompts(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
     else:
         items = load_documents(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
+    if not items:
+        raise no_prompts_error(cfg.prompts, "prompts" if cfg.mode == "generate" else "documents")
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(items)
     if cfg.mode == "corpus":

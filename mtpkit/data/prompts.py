@@ -145,6 +145,12 @@ def record_prompts(
         instances = record["instances"] or [{"input": ""}]
         if not isinstance(instances, list):
             raise PromptFormatError(f"{where}: field 'instances' must be a list")
+        for i, inst in enumerate(instances):
+            if not isinstance(inst, dict):
+                raise PromptFormatError(
+                    f'{where}: instances[{i}] must be an object such as {{"input": "..."}}, '
+                    f"got {type(inst).__name__} {inst!r}"
+                )
         return [
             Prompt(
                 (_join(instruction, _str(inst.get("input", ""), where, "instances[].input")),),
@@ -168,18 +174,17 @@ def iter_records(path: Path, skip_bad: bool) -> Iterator[tuple[dict, str]]:
     """(record, "path:line") for JSONL, or "path:row N" for files read through HF datasets."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    yield json.loads(line), where
-                except json.JSONDecodeError as exc:
-                    msg = f"{where}: malformed JSON ({exc.msg} at column {exc.colno})"
-                    if not skip_bad:
-                        raise PromptFormatError(msg + "; pass --skip-bad to skip such lines") from exc
-                    log.warning("skipping %s", msg)
+        for lineno, line in _text_lines(path):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield json.loads(line), where
+            except json.JSONDecodeError as exc:
+                msg = f"{where}: malformed JSON ({exc.msg} at column {exc.colno})"
+                if not skip_bad:
+                    raise PromptFormatError(msg + "; pass --skip-bad to skip such lines") from exc
+                log.warning("skipping %s", msg)
     elif suffix in _DATASETS_SUFFIXES:
         # HF datasets reads Parquet/JSON/CSV locally; never a hub (the path is a local file).
         import datasets
@@ -201,6 +206,28 @@ def iter_records(path: Path, skip_bad: bool) -> Iterator[tuple[dict, str]]:
         raise PromptFormatError(
             f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv, .tsv, .txt, .md)"
         )
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; a byte that is not UTF-8 is named with its line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptFormatError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
+
+
+def _read_text(path: Path) -> str:
+    return "".join(line for _, line in _text_lines(path))
+
+
+def no_prompts_error(paths, what: str = "prompts") -> PromptFormatError:
+    """A source list that yields nothing: refused before any store or report is written."""
+    names = ", ".join(str(p) for p in paths)
+    return PromptFormatError(f"{names}: no {what} (the files are empty, blank or every record was skipped)")
 
 
 def resolve_source(path: str | Path) -> Path:
@@ -230,10 +257,9 @@ def load_prompts(
     for raw in paths:
         path = resolve_source(raw)
         if path.suffix.lower() in _TEXT_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                prompts += [
-                    Prompt((ln.strip(),), None, f"{path}:{i}") for i, ln in enumerate(f, 1) if ln.strip()
-                ]
+            prompts += [
+                Prompt((ln.strip(),), None, f"{path}:{i}") for i, ln in _text_lines(path) if ln.strip()
+            ]
             continue
         for record, where in iter_records(path, skip_bad):
             try:
@@ -257,10 +283,14 @@ def load_documents(
     for raw in paths:
         path = resolve_source(raw)
         if path.suffix.lower() in _TEXT_SUFFIXES:
-            docs.append(Document(path.read_text(encoding="utf-8"), str(path)))
+            docs.append(Document(_read_text(path), str(path)))
             continue
         for record, where in iter_records(path, skip_bad):
             try:
+                if not isinstance(record, dict):
+                    raise PromptFormatError(
+                        f"{where}: a record must be a JSON object, got {type(record).__name__}"
+                    )
                 if text_field is None and record_format is None and isinstance(record.get("text"), str):
                     text = record["text"]
                 else:

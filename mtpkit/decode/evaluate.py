@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mtpkit.config import check_fields, checked
 from mtpkit.data import chat
 from mtpkit.data.prompts import load_prompts
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
@@ -38,17 +39,17 @@ class EvalConfig:
     out: str = "report.json"
     model: str | None = None  # default: the target recorded in the head
     k: list[int] = field(default_factory=lambda: [3])
-    max_prompts: int | None = None
+    max_prompts: int | None = checked(None, ge=1)  # None: all
     max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float = checked(0.0, ge=0, meaning="0 = greedy")
+    top_p: float = checked(1.0, gt=0, le=1)
     seed: int = 0
     system_prompt: str | None = None
     hf_baseline: bool = True
     progress: bool = True
     draft_dtype: str = "bfloat16"  # drafting only; verification runs in the target's dtype
     dtype: str = "float32"  # the target's dtype when evaluate() loads it (verification and plain decoding)
-    denoising_steps: int | None = None  # diffusion heads: S passes per draft (default: the head's own)
+    denoising_steps: int | None = checked(None, ge=1)  # diffusion heads: S passes per draft (default: head's)
 
     def __post_init__(self):
         if isinstance(self.k, int):
@@ -60,6 +61,7 @@ class EvalConfig:
         for name in ("draft_dtype", "dtype"):
             if getattr(self, name) not in EVAL_DTYPES:
                 raise DecodeError(f"{name} must be one of {sorted(EVAL_DTYPES)}, got {getattr(self, name)!r}")
+        check_fields(self)
 
 
 def configure_inference(head: DraftHead, **options) -> None:
@@ -92,7 +94,10 @@ def _hf_generate(target: Target, prompt_ids: list[int], max_new_tokens: int) -> 
 def evaluate(cfg: EvalConfig, target: Target | None = None) -> dict:
     hdir = head_dir(cfg.head)
     meta = read_head_config(hdir)
-    target = target or load_target(cfg.model or meta["target"]["model_id"], dtype=cfg.dtype)
+    model = cfg.model or meta.get("target", {}).get("model_id")
+    if target is None and not model:
+        raise DecodeError(f"{hdir}: the head records no target model; pass --model")
+    target = target or load_target(model, dtype=cfg.dtype)
     head = load_head(hdir, target)
     if cfg.denoising_steps is not None:
         configure_inference(head, denoising_steps=cfg.denoising_steps)

@@ -118,15 +118,26 @@ def consolidate_head(checkpoint: str | Path, out: str | Path) -> Path:
     return save_head(saved, out, target)
 
 
+@dataclass
+class CheckpointExportConfig:
+    checkpoint: str  # RUN/checkpoints/step-NNNNNN
+    out: str  # head directory to write
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Export a (sharded) training checkpoint to one head directory.")
+    from mtpkit.config import config_from_args
+
+    p = argparse.ArgumentParser(
+        prog="python -m mtpkit.distributed.checkpoint",
+        description="Export a (sharded) training checkpoint to one head directory.",
+    )
     p.add_argument("checkpoint", help="RUN/checkpoints/step-NNNNNN")
     p.add_argument("out", help="head directory to write (config.json + model.safetensors)")
-    args = p.parse_args(argv)
     try:
-        print(consolidate_head(args.checkpoint, args.out))
-    except MtpkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        cfg = config_from_args(CheckpointExportConfig, p.parse_args(argv))
+        print(consolidate_head(cfg.checkpoint, cfg.out))
+    except (MtpkitError, OSError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

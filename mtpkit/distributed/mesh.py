@@ -17,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mtpkit.config import check_fields, checked
 from mtpkit.errors import MtpkitError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class DistributedConfig:
     tp: int = 1  # tensor-parallel degree of the frozen target (online mode); dp = world size / tp
     data_parallel: str = "fsdp"  # fsdp (FSDP2 fully_shard) | replicate (gradients all-reduced)
     backend: str = "auto"  # auto = nccl when CUDA is available, else gloo
-    timeout_s: int = 1800  # a collective waiting longer fails the run instead of hanging it
+    timeout_s: int = checked(1800, gt=0)  # a collective waiting longer fails the run instead of hanging it
 
     def __post_init__(self):
         if self.tp < 1:
@@ -42,6 +43,7 @@ class DistributedConfig:
             raise ValueError(f"distributed.data_parallel must be one of {DATA_PARALLEL}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"distributed.backend must be auto, nccl or gloo, got {self.backend!r}")
+        check_fields(self)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtpkit.config import Checked, checked
 from mtpkit.export.eagle3 import (
     check_eagle3_export,
     write_sglang_eagle3,
@@ -26,6 +27,17 @@ from mtpkit.export.native import write_native
 from mtpkit.export.serve import serve_markdown
 from mtpkit.export.source import PROVENANCE, ExportError, HeadSource, atomic_dir, open_head
 from mtpkit.heads import FAMILIES, HeadError, default_k, head_family
+
+
+@dataclass
+class ExportConfig(Checked):
+    """`mtpkit export`: what `export_head` is called with."""
+
+    head: str  # a head directory, or a training run directory
+    format: str
+    out: str
+    model: str | None = None  # default: the target recorded in the head
+    k: int | None = checked(None, ge=1)  # draft tokens per step in SERVE.md; None: the trained depths
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ def export_head(
     head: str | os.PathLike, fmt: str, out: str | os.PathLike, model: str | None = None, k=None
 ) -> Path:
     """Export a native head (or run directory) to `fmt` in `out`; returns `out`."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ExportError(f"-k (draft tokens per step) must be an integer >= 1, got {k!r}")
     src = open_head(head, model)
     cfg = src.head_config
     if k is None:
@@ -105,4 +119,4 @@ def export_head(
     return atomic_dir(Path(out), write)
 
 
-__all__ = ["FORMATS", "ExportError", "export_head", "formats_for", "open_head"]
+__all__ = ["FORMATS", "ExportConfig", "ExportError", "export_head", "formats_for", "open_head"]

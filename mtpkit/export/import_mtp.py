@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -77,6 +78,16 @@ def _head_target(root: Path, provenance: dict | None, target: str | None) -> tup
         f"{root}: holds MTP layers only and its target ({spec or f'no {PROVENANCE}'}) is not at hand; "
         "pass --target SPEC"
     )
+
+
+@dataclass
+class ImportConfig:
+    """`mtpkit import-mtp`: what `import_mtp` is called with."""
+
+    model: str  # checkpoint directory (config.json + safetensors)
+    out: str  # head directory to write
+    target: str | None = None  # default: the checkpoint, or the one an export records
+    extract_only: bool = False
 
 
 def import_mtp(

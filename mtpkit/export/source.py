@@ -4,14 +4,13 @@ of its tensors — never the whole target model (a DeepSeek-V3 target is 671B pa
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from mtpkit import io
 from mtpkit.errors import MtpkitError
 from mtpkit.export.checkpoint import ShardedCheckpoint
 from mtpkit.heads import HEAD_WEIGHTS, head_dir, read_head_config
@@ -32,20 +31,13 @@ class ExportError(MtpkitError, ValueError):
 
 
 def atomic_dir(out: Path, write) -> Path:
-    """Run `write(tmp)` and rename tmp to `out`: the directory appears complete or not at all."""
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty; choose another --out or remove it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Run `write(tmp)` in a fresh temporary directory renamed to `out` when complete (see mtpkit.io)."""
+    message = f"{out}: exists and is not empty; choose another --out or remove it"
     try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with io.atomic_dir(out, exists_message=message) as tmp:
+            write(tmp)
+    except io.OutputExistsError as exc:
+        raise ExportError(str(exc)) from None
     return out
 
 

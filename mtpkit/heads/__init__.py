@@ -24,6 +24,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import diffusion, eagle3, medusa, mtp
 from mtpkit.heads.base import DepthOutputs, Drafter, DraftHead, HeadFamily, TargetModules
 from mtpkit.heads.mtp import MTPConfig, MTPHead
+from mtpkit.io import atomic_dir
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
 
@@ -104,26 +105,16 @@ def build_head(target: Target, head_type: str, fields: dict | None = None) -> Dr
 def save_head(head: DraftHead, out: str | os.PathLike, target: Target) -> Path:
     """Write the head in the native format; the directory appears complete or not at all."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, tmp / HEAD_WEIGHTS, {"format": "pt"})
-    meta = {
-        "head_type": head.head_type,
-        "head_config": asdict(head.cfg),
-        "target": target.identity(),
-        "mtpkit_format": 1,
-    }
-    (tmp / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with atomic_dir(out, replace=True) as tmp:
+        state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, tmp / HEAD_WEIGHTS, {"format": "pt"})
+        meta = {
+            "head_type": head.head_type,
+            "head_config": asdict(head.cfg),
+            "target": target.identity(),
+            "mtpkit_format": 1,
+        }
+        (tmp / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
@@ -141,9 +132,15 @@ def read_head_config(path: str | os.PathLike) -> dict:
     if not cfg_file.is_file():
         raise HeadError(f"{path}: not an mtpkit head directory (no {HEAD_CONFIG})")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HeadError(f"{cfg_file}: corrupt head config ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("head_type"), str):
+        raise HeadError(f"{cfg_file}: not an mtpkit head config (needs an object with 'head_type')")
+    for key in ("head_config", "target"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise HeadError(f"{cfg_file}: {key!r} must be an object, got {type(meta[key]).__name__}")
+    return meta
 
 
 def check_target(meta: dict, target: Target, where: str) -> None:
@@ -162,16 +159,33 @@ def check_target(meta: dict, target: Target, where: str) -> None:
         )
 
 
+def _check_shapes(head: DraftHead, state: dict, path: Path, meta: dict) -> None:
+    """Weights of another head shape: say which config and which tensors disagree (not a state-dict dump)."""
+    expected = head.state_dict()
+    bad = [
+        f"{k} is {list(v.shape)} in the weights, {list(expected[k].shape)} for the config"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise HeadError(
+            f"{path / HEAD_WEIGHTS}: weights do not fit the {meta['head_type']} head that {path / HEAD_CONFIG} "
+            f"describes ({meta.get('head_config')}): " + "; ".join(bad[:3]) + more
+        )
+
+
 def load_head(path: str | os.PathLike, target: Target) -> DraftHead:
     """Load a native head directory for `target` (refused if trained for another target)."""
     path = Path(path)
     meta = read_head_config(path)
     check_target(meta, target, str(path))
-    head = build_head(target, meta["head_type"], meta["head_config"])
+    head = build_head(target, meta["head_type"], meta.get("head_config", {}))
     try:
         state = load_file(str(path / HEAD_WEIGHTS))
     except Exception as exc:
         raise HeadError(f"{path / HEAD_WEIGHTS}: cannot read head weights ({exc})") from exc
+    _check_shapes(head, state, path, meta)
     missing, unexpected = head.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise HeadError(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mtpkit.config import checked
 from mtpkit.heads import (
     FAMILIES,
     DraftHead,
@@ -48,7 +49,9 @@ class MTPLossConfig(LossConfig):
     joint training adds: on/off, α and which paths into the model are cut."""
 
     enabled: bool = True
-    scaling_factor: float = 0.1  # veRL's mtp_loss_scaling_factor, Megatron's --mtp-loss-scaling-factor
+    scaling_factor: float = checked(
+        0.1, ge=0
+    )  # veRL's mtp_loss_scaling_factor, Megatron's --mtp-loss-scaling-factor
     detach: list[str] = field(default_factory=lambda: list(DETACHABLE))  # any of hidden, embed, lm_head
     target: str | None = None  # the older name of `kind`: ce | soft_ce (= kl) | tv
 

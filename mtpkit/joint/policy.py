@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mtpkit.config import Checked, checked
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import save_head
+from mtpkit.io import atomic_dir
 from mtpkit.models import Target, load_target
 from mtpkit.train.checkpoint import TRAINABLE, load_checkpoint, save_checkpoint
 from mtpkit.train.config import OptimConfig
@@ -35,10 +35,10 @@ class PolicyError(MtpkitError, ValueError):
 
 
 @dataclass
-class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+class LoraConfig(Checked):
+    r: int = checked(16, ge=1)
+    alpha: int = checked(32, gt=0)
+    dropout: float = checked(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"  # peft's shorthand: every linear layer but the LM head
 
 
@@ -157,11 +157,11 @@ class JointOptimConfig(OptimConfig):
     """The head trainer's optimizer settings, plus the head's own LR and clip (the model's are
     `lr` / `grad_clip`). Joint recipes batch with data.batch_size / algo.micro_batch_size."""
 
-    lr: float = 1e-5  # model (LoRA adapters take ~1e-4)
-    head_lr: float = 1e-4
-    grad_clip: float = 1.0  # model
-    head_grad_clip: float = 1.0  # head, clipped on its own
-    warmup_steps: int = 0
+    lr: float = checked(1e-5, ge=0)  # model (LoRA adapters take ~1e-4)
+    head_lr: float = checked(1e-4, ge=0)
+    grad_clip: float = checked(1.0, gt=0)  # model
+    head_grad_clip: float = checked(1.0, gt=0)  # head, clipped on its own
+    warmup_steps: int = checked(0, ge=0)
     schedule: str = "constant"  # after warmup; cosine | linear decay to min_lr_ratio over max_steps
 
     def __post_init__(self):
@@ -211,14 +211,16 @@ def save_policy(policy: Policy, out: str | Path, merged: bool = True) -> Path:
     Merging uses `weights.merged_state_dict` (LoRA added in float32, NF4 dequantized), so a QLoRA
     model is written at full precision instead of being re-quantized.
     """
+    with atomic_dir(Path(out), replace=True) as tmp:
+        _write_policy(policy, tmp, merged)
+    return Path(out)
+
+
+def _write_policy(policy: Policy, tmp: Path, merged: bool) -> None:
     from safetensors.torch import save_file
 
     from mtpkit.joint.weights import merged_state_dict
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tokenizer = policy.target.tokenizer
     if policy.peft_model is not None and not merged:
         policy.peft_model.save_pretrained(tmp)
@@ -234,6 +236,3 @@ def save_policy(policy: Policy, out: str | Path, merged: bool = True) -> Path:
         config.save_pretrained(tmp)
         policy.model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out

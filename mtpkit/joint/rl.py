@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mtpkit.config import to_dict
+from mtpkit.config import Checked, check_fields, checked, to_dict
 from mtpkit.data import chat
 from mtpkit.decode.engine import SpeculativeDecoder
 from mtpkit.decode.metrics import AcceptanceStats
@@ -63,6 +63,7 @@ from mtpkit.joint.policy import (
 )
 from mtpkit.joint.rewards import Reward, get_reward, overlong_penalty
 from mtpkit.models import Target, load_target
+from mtpkit.train.config import check_head
 from mtpkit.train.frame import Cadence, Run, lr_lambda, seed_everything
 from mtpkit.train.losses import shifted_labels
 from mtpkit.train.metrics import add_depth_stats, depth_metrics
@@ -75,28 +76,28 @@ class RLError(MtpkitError, RuntimeError):
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Checked):
     enable_rollout: bool = False  # speculative rollouts with the current MTP head (veRL's name)
-    k: int = 3  # draft tokens per step
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256  # L_max
+    k: int = checked(3, ge=1)  # draft tokens per step
+    temperature: float = checked(1.0, ge=0)
+    top_p: float = checked(1.0, gt=0, le=1)
+    max_new_tokens: int = checked(256, ge=1)  # L_max
 
 
 @dataclass
-class DAPOConfig:
-    group_size: int = 8  # G completions per prompt
-    prompts_per_step: int = 4  # B groups per update
-    eps_low: float = 0.2
-    eps_high: float = 0.28  # clip-higher
-    beta: float = 0.0  # k3 KL to the initial model; 0 = none (DAPO)
+class DAPOConfig(Checked):
+    group_size: int = checked(8, ge=2)  # G completions per prompt (advantages are normalised in a group)
+    prompts_per_step: int = checked(4, ge=1)  # B groups per update
+    eps_low: float = checked(0.2, ge=0)
+    eps_high: float = checked(0.28, ge=0)  # clip-higher
+    beta: float = checked(0.0, ge=0, meaning="0 = no KL (DAPO)")  # k3 KL to the initial model
     mask_truncated: bool = True  # completions cut at L_max get no policy loss
-    overlong_buffer: int = 64  # L_cache of the soft overlong punishment; 0 = off
+    overlong_buffer: int = checked(64, ge=0, meaning="0 = off")  # L_cache of the soft overlong punishment
     dynamic_sampling: bool = True
-    max_sample_rounds: int = 3  # generation rounds per step when refilling dropped groups
-    minibatches: int = 1  # optimizer steps per rollout batch (> 1: later ones are off-policy)
-    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation)
-    adv_eps: float = 1e-6
+    max_sample_rounds: int = checked(3, ge=1)  # generation rounds per step when refilling dropped groups
+    minibatches: int = checked(1, ge=1)  # optimizer steps per rollout batch (> 1: later ones are off-policy)
+    micro_batch_size: int = checked(4, ge=1)  # sequences per forward/backward (gradient accumulation)
+    adv_eps: float = checked(1e-6, gt=0)
 
 
 @dataclass
@@ -106,7 +107,7 @@ class RLConfig:
     prompts: list[str] = field(default_factory=list)  # e.g. ../shared/data/prompts/gsm8k_train.jsonl
     format: str | None = None
     system_prompt: str | None = None
-    max_prompts: int | None = None
+    max_prompts: int | None = checked(None, ge=1)  # None: all
     rewards: list[str] = field(default_factory=lambda: ["gsm8k"])
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     head_type: str = "mtp"
@@ -116,15 +117,18 @@ class RLConfig:
     optim: JointOptimConfig = field(default_factory=JointOptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: DAPOConfig = field(default_factory=DAPOConfig)
-    max_steps: int = 20
+    max_steps: int = checked(20, ge=1)
     seed: int = 0
-    log_every: int = 1
-    save_every: int = 10
+    log_every: int = checked(1, ge=1)
+    save_every: int = checked(10, ge=1)
     save_merged: bool = True
     progress: bool = True
 
     def __post_init__(self):
+        check_fields(self)
         check_joint_head(self.head_type)
+        if not self.init_head:
+            check_head(self.head_type, self.head)
 
 
 # ---------------------------------------------------------------------------- DAPO pieces

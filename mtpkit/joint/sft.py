@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtpkit.config import to_dict
+from mtpkit.config import Checked, check_fields, checked, to_dict
 from mtpkit.errors import MtpkitError
 from mtpkit.joint.data import Batches, collate_examples, load_sft_examples
 from mtpkit.joint.mtp_loss import (
@@ -39,6 +39,7 @@ from mtpkit.joint.policy import (
     save_joint_checkpoint,
 )
 from mtpkit.models import Target, load_target
+from mtpkit.train.config import check_head
 from mtpkit.train.frame import Cadence, Run, lr_lambda, seed_everything
 from mtpkit.train.losses import lm_loss, shifted_labels
 from mtpkit.train.metrics import add_depth_stats, add_sim_tau, depth_metrics, sim_tau_metrics
@@ -51,13 +52,13 @@ class SFTError(MtpkitError, RuntimeError):
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(Checked):
     paths: list[str] = field(default_factory=list)  # SFT records (see mtpkit.joint.data)
-    max_seq_len: int = 1024
-    batch_size: int = 4
+    max_seq_len: int = checked(1024, ge=2)
+    batch_size: int = checked(4, ge=1)
     system_prompt: str | None = None
-    max_examples: int | None = None
-    eval_examples: int = 16  # the first N examples are held out
+    max_examples: int | None = checked(None, ge=1)  # None: all
+    eval_examples: int = checked(16, ge=0)  # the first N examples are held out
 
 
 @dataclass
@@ -71,17 +72,20 @@ class SFTConfig:
     mtp: MTPLossConfig = field(default_factory=MTPLossConfig)
     optim: JointOptimConfig = field(default_factory=JointOptimConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    max_steps: int = 100
+    max_steps: int = checked(100, ge=1)
     seed: int = 0
-    log_every: int = 10
-    eval_every: int = 50
-    save_every: int = 50
-    simulate_k: int = 3
+    log_every: int = checked(10, ge=1)
+    eval_every: int = checked(50, ge=1)
+    save_every: int = checked(50, ge=1)
+    simulate_k: int = checked(3, ge=0, meaning="0 = no estimate")
     save_merged: bool = True  # false: write the peft adapter only (lora / qlora)
     progress: bool = True
 
     def __post_init__(self):
+        check_fields(self)
         check_joint_head(self.head_type)
+        if not self.init_head:
+            check_head(self.head_type, self.head)
 
 
 def joint_loss(policy: Policy, head, ids, mask, mtp_cfg: MTPLossConfig, chunk_size: int = 1024):

@@ -108,8 +108,67 @@ def latest_checkpoint(run: Path) -> Path | None:
     return path
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What is missing or truncated in a checkpoint (None: every file it needs is whole), read from
+    the DCP metadata's shard sizes without loading any tensor."""
+    needed = [HEAD_META, "trainer.pt", "trainer_state.json"]
+    if not (path / JOINT_OPTIMIZER).is_file():
+        needed.append(f"{STATE}/.metadata")
+    for name in needed:
+        if not (path / name).is_file() or (path / name).stat().st_size == 0:
+            return f"{path / name}: missing or empty"
+    if (path / JOINT_OPTIMIZER).is_file():
+        return None
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        meta = dcp.FileSystemReader(str(path / STATE)).read_metadata()
+    except Exception as exc:
+        return f"{path / STATE / '.metadata'}: unreadable ({type(exc).__name__}: {exc})"
+    ends: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        shard = path / STATE / name
+        size = shard.stat().st_size if shard.is_file() else None
+        if size is None:
+            return f"shard {shard}: missing"
+        if size < end:
+            return f"shard {shard}: truncated ({size} bytes; the metadata records {end})"
+    return None
+
+
+def last_good_checkpoint(run: Path, before: Path | None = None) -> Path | None:
+    """The newest checkpoint of `run` (older than `before`) whose files are all whole."""
+    for ckpt in sorted((p for p in checkpoint_dir(run).glob("step-*") if p.is_dir()), reverse=True):
+        if (before is None or ckpt.name < before.name) and checkpoint_problem(ckpt) is None:
+            return ckpt
+    return None
+
+
+def _resume_hint(path: Path) -> str:
+    good = last_good_checkpoint(path.parent.parent, before=path)
+    pointer = path.parent / LATEST
+    if good is None:
+        return f"nothing was overwritten; no older whole checkpoint in {path.parent} — start a new run"
+    return (
+        f"nothing was overwritten; the last good checkpoint is {good} — resume from it with "
+        f"`echo {good.name} > {pointer}` and --resume, or start a new run"
+    )
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint with a missing or truncated file, naming it and the last good checkpoint."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: corrupt or incomplete checkpoint ({problem}); {_resume_hint(path)}")
+
+
 def load_checkpoint(path: Path, head, target, optimizer, scheduler) -> dict:
     """Restore head, optimizer, scheduler and RNG from `path`; return the trainer state."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_checkpoint(path)
     try:
         meta = json.loads((path / HEAD_META).read_text())
         check_target(meta, target, str(path))
@@ -125,14 +184,17 @@ def load_checkpoint(path: Path, head, target, optimizer, scheduler) -> dict:
         scheduler.load_state_dict(extra["scheduler"])
     except HeadError:
         raise
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, CheckpointException):  # the per-rank errors, not DCP's traceback dump
+            detail = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in exc.failures.items())
         raise CheckpointError(
-            f"{path}: corrupt or incomplete checkpoint ({type(exc).__name__}: {exc}); nothing was overwritten — "
-            f"point {path.parent / LATEST} at an older checkpoint or start a new run"
-        ) from exc
+            f"{path}: corrupt or incomplete checkpoint ({detail.splitlines()[0] if detail else ''}); "
+            f"{_resume_hint(path)}"
+        ) from None
     torch.set_rng_state(extra["torch"])
     random.setstate(extra["python"])
     return state
 
 
-__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "check_checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -23,7 +23,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import build_head, head_dir, load_head
 from mtpkit.models import Target
 from mtpkit.models.loader import identity_differences
-from mtpkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mtpkit.train.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.data import Batch, OnlineSource, StoreSource
 from mtpkit.train.frame import Cadence, Run, lr_lambda, seed_everything
@@ -137,6 +137,8 @@ def train(cfg: TrainConfig, resume: bool = False, target: Target | None = None) 
 
 def _train(cfg: TrainConfig, resume: bool, target: Target | None, par) -> dict:
     run = Run(cfg.out, resume, TrainingError, par.is_main)
+    if resume and (ckpt := latest_checkpoint(run.dir)) is not None:
+        check_checkpoint(ckpt)  # a broken checkpoint fails before anything in `run` is written
     par.barrier()  # every rank has looked at `run` before rank 0 writes into it
     target = parallelize_target(target, par) if target else load_parallel_target(_target_spec(cfg), par)
     seed_everything(cfg.seed)
