@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtpkit.config import from_dict
 from mtpkit.errors import MtpkitError
 from mtpkit.heads.diffusion import DiffusionConfig, DiffusionHead
 from mtpkit.heads.eagle3 import Eagle3Config, Eagle3Head
@@ -49,8 +50,8 @@ def head_config(head_type: str, fields: dict | None = None):
     if head_type not in HEADS:
         raise HeadError(f"unknown head type {head_type!r}; available: {sorted(HEADS)}")
     cfg_cls = HEADS[head_type][0]
-    try:
-        return cfg_cls(**(fields or {}))
+    try:  # the config loader's messages: unknown field (did you mean), wrong type, range
+        return from_dict(cfg_cls, fields or {}, where="head")
     except (TypeError, ValueError) as exc:
         raise HeadError(f"head config for {head_type!r}: {exc}") from exc
 
