@@ -154,9 +154,13 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "-k", type=int, nargs="+", help="draft tokens per step (>= 1; default 3); several values = a sweep"
     )
-    p.add_argument("--max-prompts", type=int, help=field_help(EvalConfig, "max_prompts", "first N prompts"))
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        help=field_help(EvalConfig, "max_prompts", "first N prompts (default: all)"),
+    )
     p.add_argument("--max-new-tokens", type=int, help=field_help(EvalConfig, "max_new_tokens"))
-    p.add_argument("--temperature", type=float, help=field_help(EvalConfig, "temperature", "0 = greedy"))
+    p.add_argument("--temperature", type=float, help=field_help(EvalConfig, "temperature"))
     p.add_argument("--top-p", type=float, help=field_help(EvalConfig, "top_p"))
     p.add_argument("--seed", type=int)
     p.add_argument("--system-prompt")

@@ -426,15 +426,5 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, **flags: Any
     return load_config(cls, yaml_path, [], flags)
 
 
-def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
-    """The fields of a YAML config file, checked against the dataclass `cls` (top level)."""
-    data = read_yaml_file(path)
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{path}: {_unknown(unknown, known)}; valid fields: {known}")
-    return data
-
-
 def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)

@@ -115,20 +115,4 @@ def _commit(tmp: Path, out: Path, replace: bool, message: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that it holds either its old content or all of the new (fsynced)."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(name, 0o666 & _umask_mode())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
-__all__ = ["OutputExistsError", "atomic_dir", "atomic_write_bytes"]
+__all__ = ["OutputExistsError", "atomic_dir"]

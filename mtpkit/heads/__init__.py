@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from mtpkit.config import from_dict
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import diffusion, eagle3, medusa, mtp
 from mtpkit.heads.base import DepthOutputs, Drafter, DraftHead, HeadFamily, TargetModules
@@ -83,8 +84,8 @@ def head_family(head_type: str) -> HeadFamily:
 
 def head_config(head_type: str, fields: dict | None = None):
     cfg_cls = head_family(head_type).config
-    try:
-        return cfg_cls(**(fields or {}))
+    try:  # the config loader's messages: unknown field (did you mean), wrong type, range
+        return from_dict(cfg_cls, fields or {}, where="head")
     except (TypeError, ValueError) as exc:
         raise HeadError(f"head config for {head_type!r}: {exc}") from exc
 
