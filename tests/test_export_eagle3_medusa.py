@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import saved_tiny_llama
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtpkit.export import ExportError, export_head
 from mtpkit.heads import build_head, save_head
-from mtpkit.models import load_target
-from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
 
 LAYERS = [1, 2, 3]  # HF hidden_states ids, inside a 5-layer target
 ROPE_THETA = 100000.0  # SmolLM2's; not the 10000 a loader falls back to
@@ -34,12 +32,7 @@ ROPE_THETA = 100000.0  # SmolLM2's; not the 10000 a loader falls back to
 @pytest.fixture(scope="module")
 def llama5(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama5")
-    fields = dict(TINY_CONFIGS["llama"], num_hidden_layers=5, rope_theta=ROPE_THETA)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    model.save_pretrained(root / "target")
-    tiny_tokenizer().save_pretrained(root / "target")
-    target = load_target(str(root / "target"))
+    target = saved_tiny_llama(root, num_hidden_layers=5, rope_theta=ROPE_THETA)
     torch.manual_seed(0)
     head = build_head(target, "eagle3", {"layers": LAYERS, "draft_vocab_size": 64})
     head.init_vocab(torch.randint(0, 50, (target.vocab_size,)))  # a non-trivial d2t
