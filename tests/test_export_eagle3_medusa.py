@@ -1,13 +1,15 @@
 """EAGLE-3 and Medusa exports: vllm-eagle3, sglang-eagle3, speculators, vllm-medusa — loader contracts.
 
-- vLLM 0.33 `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM.load_weights`
+- vLLM 0.32 / 0.33 `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM.load_weights`
   skips `t2d`, renames `d2t` → `draft_id_to_target_id`, prefixes `model.` to everything but
   `lm_head`; `LlamaModel.load_weights` renames `midlayer.` → `layers.0.` and stacks q/k/v and
   gate/up; `fc` input is 3 x target_hidden_size; q/k/v input 2 x hidden_size; `attention_bias`
   covers q/k/v/o alike; `norm_before_residual` read from the config.
-- SGLang 0.5 `python/sglang/srt/models/llama_eagle3.py`: `LlamaForCausalLMEagle3`, needs
-  `draft_vocab_size`, `eagle_config.eagle_aux_hidden_state_layer_ids` (captures hidden state
-  v + 1), hot_token_id = d2t + arange.
+- SGLang 0.5.23 (wheel source, `sglang/srt/models/`): `llama_eagle3.py:272` `LlamaForCausalLMEagle3`;
+  `:303-314` a tied config makes lm_head the embedding and a missing `draft_vocab_size` loads the
+  target's LM head (we write `tie_word_embeddings: false` and the size); `:339` renames `midlayer` →
+  `layers.0`; `:350-353` hot_token_id = d2t + arange; `:355` skips t2d; `llama.py:939-941` captures
+  layer `id + 1` for each `eagle_config.eagle_aux_hidden_state_layer_ids` entry (HF id − 1).
 - speculators `src/speculators/config.py`: `speculators_model_type`, `speculators_config`
   (proposal_methods, default_proposal_method, verifier), `transformer_layer_config`.
 """
@@ -94,6 +96,8 @@ def test_sglang_eagle3_shifts_layer_ids(llama5, tmp_path):
         "use_aux_hidden_state": True,
     }
     assert "eagle_aux_hidden_state_layer_ids" not in config  # SGLang reads only the nested form
+    # llama_eagle3.py:303: a tied config would make SGLang's draft LM head the embedding (SmolLM2 ties)
+    assert config["tie_word_embeddings"] is False and config["draft_vocab_size"] == 64
     serve = (out / "SERVE.md").read_text()
     assert "--speculative-algorithm EAGLE3" in serve and "--speculative-num-draft-tokens 4" in serve
 
