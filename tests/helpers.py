@@ -107,3 +107,21 @@ def tiny_v3(**changes):
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
     return sharpen_router(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+
+
+def saved_tiny_llama(root: Path, **fields):
+    """A random tiny Llama (TINY_CONFIGS fields overridden by `fields`) saved as an HF directory
+    under root/target, loaded back as a Target: what the exporters and engines read from disk."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
+
+    config = dict(TINY_CONFIGS["llama"], **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    model.save_pretrained(root / "target")
+    tiny_tokenizer().save_pretrained(root / "target")
+    from mtpkit.models import load_target
+
+    return load_target(str(root / "target"))

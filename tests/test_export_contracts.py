@@ -9,11 +9,15 @@ parameter the loader's module owns is in the export.
   `_rewrite_spec_layer_name`, `get_spec_layer_idx_from_weight_name` in `deepseek_v2.py`) and
   `vllm/config/speculative.py` (`hf_config_override`: deepseek_v3 / deepseek_v32 → DeepSeekMTPModel,
   `n_predict = num_nextn_predict_layers`).
-- SGLang 0.5.x `python/sglang/srt/models/deepseek_nextn.py` (`DeepseekV3ForCausalLMNextN`: asserts
-  num_nextn_predict_layers == 1) and `deepseek_v2.py` `load_weights(is_nextn=True)`: prefix
-  `model.layers.{0 if num_hidden_layers == 1 else num_hidden_layers}`, `shared_head.norm`, `eh_proj`,
-  `enorm`, `hnorm` to the NextN model, `shared_head.head` / `embed_tokens` skipped (the target's
-  are used), everything else to `model.decoder`.
+- SGLang, re-read from the sglang 0.5.23 wheel (`pip download sglang==0.5.23 --no-deps`), paths under
+  `sglang/srt/models/`: `deepseek_common/deepseek_weight_loader.py:552-584` (`_initialize_nextn_conf`:
+  `num_nextn_predict_layers` must exist and `assert num_nextn_layers == 1` at :567; prefix
+  `model.layers.{0 if num_hidden_layers == 1 else num_hidden_layers}` at :570; spec names
+  `shared_head.norm`, `eh_proj`, `enorm`, `hnorm` at :579) and `:324-335` (names outside the prefix
+  skipped; `shared_head.head` / `embed_tokens` skipped at :328, the target's are used; spec names →
+  `model.*`, the rest → `model.decoder.*`). `deepseek_v2.py:519` reads `config.topk_method` (the
+  correction bias exists only for `noaux_tc`, :535), `:775` `config.scoring_func`, `:2791`
+  `config.moe_layer_freq` — plain attribute reads, hence the router fields in every DeepSeek export.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """EAGLE-3 and Medusa exports: vllm-eagle3, sglang-eagle3, speculators, vllm-medusa — loader contracts.
 
-- vLLM 0.33 `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM.load_weights`
+- vLLM 0.32 / 0.33 `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM.load_weights`
   skips `t2d`, renames `d2t` → `draft_id_to_target_id`, prefixes `model.` to everything but
   `lm_head`; `LlamaModel.load_weights` renames `midlayer.` → `layers.0.` and stacks q/k/v and
   gate/up; `fc` input is 3 x target_hidden_size; q/k/v input 2 x hidden_size; `attention_bias`
   covers q/k/v/o alike; `norm_before_residual` read from the config.
-- SGLang 0.5 `python/sglang/srt/models/llama_eagle3.py`: `LlamaForCausalLMEagle3`, needs
-  `draft_vocab_size`, `eagle_config.eagle_aux_hidden_state_layer_ids` (captures hidden state
-  v + 1), hot_token_id = d2t + arange.
+- SGLang 0.5.23 (wheel source, `sglang/srt/models/`): `llama_eagle3.py:272` `LlamaForCausalLMEagle3`;
+  `:303-314` a tied config makes lm_head the embedding and a missing `draft_vocab_size` loads the
+  target's LM head (we write `tie_word_embeddings: false` and the size); `:339` renames `midlayer` →
+  `layers.0`; `:350-353` hot_token_id = d2t + arange; `:355` skips t2d; `llama.py:939-941` captures
+  layer `id + 1` for each `eagle_config.eagle_aux_hidden_state_layer_ids` entry (HF id − 1).
 - speculators `src/speculators/config.py`: `speculators_model_type`, `speculators_config`
   (proposal_methods, default_proposal_method, verifier), `transformer_layer_config`.
 """
@@ -19,13 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import saved_tiny_llama
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from mtpkit.export import ExportError, export_head
 from mtpkit.heads import build_head, save_head
-from mtpkit.models import load_target
-from mtpkit.models.tiny import TINY_CONFIGS, tiny_tokenizer
 
 LAYERS = [1, 2, 3]  # HF hidden_states ids, inside a 5-layer target
 ROPE_THETA = 100000.0  # SmolLM2's; not the 10000 a loader falls back to
@@ -34,12 +34,7 @@ ROPE_THETA = 100000.0  # SmolLM2's; not the 10000 a loader falls back to
 @pytest.fixture(scope="module")
 def llama5(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama5")
-    fields = dict(TINY_CONFIGS["llama"], num_hidden_layers=5, rope_theta=ROPE_THETA)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    model.save_pretrained(root / "target")
-    tiny_tokenizer().save_pretrained(root / "target")
-    target = load_target(str(root / "target"))
+    target = saved_tiny_llama(root, num_hidden_layers=5, rope_theta=ROPE_THETA)
     torch.manual_seed(0)
     head = build_head(target, "eagle3", {"layers": LAYERS, "draft_vocab_size": 64})
     head.init_vocab(torch.randint(0, 50, (target.vocab_size,)))  # a non-trivial d2t
@@ -101,6 +96,8 @@ def test_sglang_eagle3_shifts_layer_ids(llama5, tmp_path):
         "use_aux_hidden_state": True,
     }
     assert "eagle_aux_hidden_state_layer_ids" not in config  # SGLang reads only the nested form
+    # llama_eagle3.py:303: a tied config would make SGLang's draft LM head the embedding (SmolLM2 ties)
+    assert config["tie_word_embeddings"] is False and config["draft_vocab_size"] == 64
     serve = (out / "SERVE.md").read_text()
     assert "--speculative-algorithm EAGLE3" in serve and "--speculative-num-draft-tokens 4" in serve
 

@@ -36,9 +36,11 @@ from mtpkit.models.loader import causal_lm_architectures
 
 EAGLE3_ARCH = "LlamaForCausalLMEagle3"
 NUM_AUX_LAYERS = 3  # vLLM: fc input = 3 * target_hidden_size
-# Lowest HF hidden_states id each format's engine captures: vLLM's LlamaModel.forward appends
-# the residual stream before running layer k for k in aux_hidden_state_layers (k = 0: the
-# embeddings); SGLang's appends it before layer v + 1, so HF id 0 has no SGLang id.
+# Lowest HF hidden_states id each format's engine captures. vLLM 0.32 `models/llama.py:428-441`
+# appends the residual stream before layer 0 (the embeddings) and after each layer idx as id idx + 1
+# (`interfaces.py:1601` `_maybe_add_hidden_state`): id k = HF id k for k < L, while its id L is the
+# pre-norm state, not HF's post-norm one. SGLang 0.5.23 `models/llama.py:941` captures id + 1, so
+# HF id 0 has no SGLang id.
 LOWEST_AUX_ID = {"vllm-eagle3": 0, "speculators": 0, "sglang-eagle3": 1}
 
 
