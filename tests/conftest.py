@@ -44,3 +44,27 @@ def decode_with_draft_trace(monkeypatch, target, head, k: int, ids: list[int], m
 
     monkeypatch.setattr(SpeculativeDecoder, "_draft", record)
     return SpeculativeDecoder(target, head, k=k).generate(ids, max_new_tokens), trace
+
+
+def train_tiny_head(target, store, out, head_type: str = "mtp", fields: dict | None = None):
+    """A head trained briefly (60 steps) on a tiny target's store: enough to be accepted often."""
+    from mtpkit.config import from_dict
+    from mtpkit.heads import load_head
+    from mtpkit.train.config import TrainConfig
+    from mtpkit.train.trainer import train
+
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(out),
+            "head_type": head_type,
+            "head": fields or {},
+            "data": {"store": str(store), "token_budget": 1024},
+            "max_steps": 60,
+            "eval_every": 60,
+            "save_every": 60,
+            "progress": False,
+            "optim": {"lr": 3e-3, "warmup_steps": 5},
+        },
+    )
+    return load_head(train(cfg, target=target)["head"], target)
