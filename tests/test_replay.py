@@ -129,3 +129,33 @@ def test_replay_refuses_what_the_engine_refuses(trained, targets):
     with pytest.raises(DecodeError, match="must be >= 1"):
         replay(target, trained["eagle3"], [[5]], [0], 8)
 
+
+
+def test_training_simulated_tau_walks_answer_spans_like_the_engine():
+    from mtpkit.train.losses import shifted_labels
+    from mtpkit.train.trainer import simulated_tau
+
+    torch.manual_seed(0)
+    T, K = 40, 3
+    loss_mask = torch.zeros(2, T, dtype=torch.bool)
+    loss_mask[0, 10:30] = True  # one answer t_10..t_29
+    loss_mask[1, 5:15] = loss_mask[1, 22:38] = True  # two turns
+    ids = torch.zeros(2, T, dtype=torch.long)
+    stats = []
+    for k in range(1, K + 1):
+        _, valid = shifted_labels(ids, loss_mask, k)
+        stats.append({"hits": valid & (torch.rand(2, T) < 0.7), "valid": valid})
+    # The engine, step by step: N verified tokens of a span t_a..t_{e−1}; drafts at anchor N−2.
+    expected = {}
+    for k in range(1, K + 1):
+        acc = steps = 0
+        for b, (a, e) in [(0, (10, 30)), (1, (5, 15)), (1, (22, 38))]:
+            N = a + 1
+            while e > N and N - 2 + k + 1 < e:  # every draft of the step has a label
+                n = 0
+                while n < k and stats[n]["hits"][b, N - 2]:
+                    n += 1
+                acc, steps, N = acc + n + 1, steps + 1, N + n + 1
+        expected[k] = (float(acc), steps)
+    assert simulated_tau(stats, K) == expected
+    assert all(v[1] > 0 for v in expected.values())

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mtpkit.config import to_dict
 from mtpkit.data.store import Store
+from mtpkit.decode.replay import leading_runs, spans, walk
 from mtpkit.distributed import init_parallel
 from mtpkit.distributed.checkpoint import export_head
 from mtpkit.distributed.fsdp import clip_grad_norm, shard_head
@@ -67,14 +68,25 @@ def batch_loss(
 
 
 def simulated_tau(stats: list[dict], max_k: int) -> dict[int, tuple[float, int]]:
-    """Teacher-forced chain-acceptance estimate per K: 1 + E[Σ_j Π_{d≤j} hit_d] over rows
-    where every depth up to K has a label. Returns {K: (sum of accepted + 1, rows)}."""
+    """Greedy speculative decoding of every loss-masked answer span, simulated with the eval
+    replay's walk (`mtpkit.decode.replay.walk`): the prompt is what precedes the span, steps
+    advance by accepted + 1 from its first token, and a step counts while every depth up to K
+    has a label (drafts past the data cannot be scored). Returns {K: (Σ(accepted + 1), steps)}."""
     out = {}
+    if max_k < 1 or not stats:
+        return out
+    runs = leading_runs(torch.stack([s["hits"] for s in stats[:max_k]])).cpu().tolist()  # [B][T]
+    answers = stats[0]["valid"].cpu()  # depth 1, row i: t_{i+2} is an answer token
     for K in range(1, min(max_k, len(stats)) + 1):
-        rows = torch.stack([s["valid"] for s in stats[:K]]).all(0)
-        chain = torch.stack([s["hits"] for s in stats[:K]]).int().cumprod(0)  # [K, B, T]
-        accepted = chain.sum(0)[rows].float()
-        out[K] = (float((accepted + 1).sum()), int(rows.sum()))
+        accepted, steps = 0, 0
+        for b, row_runs in enumerate(runs):
+            # An answer span t_a..t_{e−1} is the run [a−2, e−2) of depth-1 validity; its first
+            # step anchors at row a − 1, and row r has labels up to depth K while r < e − K − 1.
+            for s, f in spans(answers[b]):
+                got = walk(row_runs, s + 1, f - K + 1, K)
+                accepted += sum(got) + len(got)
+                steps += len(got)
+        out[K] = (float(accepted), steps)
     return out
 
 
