@@ -133,10 +133,20 @@ def _eval_parser(sub) -> None:
         "per-position acceptance and wall-clock speedup over plain decoding, measured in one run.",
     )
     p.add_argument("--head", required=True, help="head directory, or a training run directory")
-    p.add_argument("--prompts", nargs="+", required=True, help="prompt files in any format collect reads")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", nargs="+", help="prompt files in any format collect reads")
+    src.add_argument(
+        "--sets",
+        nargs="+",
+        help="the standard protocol: each prompt file (a directory: its *.jsonl) is a set, run at every "
+        "K (default 1 2 3 4) into one combined report",
+    )
     p.add_argument("--model", help="target spec (default: the one the head was trained for)")
     p.add_argument(
-        "-k", type=int, nargs="+", default=[3], help="draft tokens per step; several values = a sweep"
+        "-k",
+        type=int,
+        nargs="+",
+        help="draft tokens per step; several values = a sweep (default 3; --sets: 1 2 3 4)",
     )
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -166,20 +176,34 @@ def _eval_parser(sub) -> None:
         help="diffusion heads: denoising passes per draft (default: the head's)",
     )
     p.add_argument(
+        "--timing-prompts",
+        type=int,
+        default=8,
+        help="greedy: τ comes from replay over every prompt; the real engine runs on the first N "
+        "(wall-clock speedup, the lossless check, replay-vs-engine agreement)",
+    )
+    p.add_argument(
+        "--no-replay",
+        dest="replay",
+        action="store_false",
+        help="greedy τ from the real engine on every prompt instead of replay",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="replay: prompts generated at once")
+    p.add_argument(
         "--out", default="report.json", help="report JSON (a .md summary and PNG plots go beside it)"
     )
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from mtpkit.decode.evaluate import EvalConfig, evaluate, summary_markdown
+    from mtpkit.decode.evaluate import EvalConfig, evaluate, evaluate_sets, sets_markdown, summary_markdown
 
     cfg = EvalConfig(
         head=args.head,
-        prompts=args.prompts,
+        prompts=args.prompts or [],
         out=args.out,
         model=args.model,
-        k=args.k,
+        k=args.k or ([1, 2, 3, 4] if args.sets else [3]),
         max_prompts=args.max_prompts,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -191,7 +215,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         draft_dtype=args.draft_dtype,
         dtype=args.dtype,
         denoising_steps=args.denoising_steps,
+        replay=args.replay,
+        timing_prompts=args.timing_prompts,
+        batch_size=args.batch_size,
     )
+    if args.sets:
+        print(sets_markdown(evaluate_sets(cfg, args.sets)))
+        print(f"wrote {args.out}")
+        return 0
     report = evaluate(cfg)
     print(summary_markdown(report))
     print(f"wrote {args.out}")

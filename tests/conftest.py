@@ -68,3 +68,11 @@ def train_tiny_head(target, store, out, head_type: str = "mtp", fields: dict | N
         },
     )
     return load_head(train(cfg, target=target)["head"], target)
+
+
+def collect_store(target, out, prompts: list[str], **fields):
+    """A store of the target's own greedy answers (collect's defaults, no progress bar)."""
+    from mtpkit.data.collect import CollectConfig, collect
+
+    cfg = CollectConfig(model=target.name, prompts=prompts, out=str(out), progress=False, **fields)
+    return collect(cfg, target)

@@ -3,12 +3,13 @@ accepted counts of the real speculative engine, for every head family, K and dra
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import shared_prompts, train_tiny_head
+from conftest import collect_store, shared_prompts, train_tiny_head
 
 from mtpkit.data import chat
-from mtpkit.data.collect import CollectConfig, collect
 from mtpkit.data.prompts import load_prompts
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.decode.replay import greedy_generate, leading_runs, replay, walk
@@ -44,17 +45,13 @@ def root(tmp_path_factory):
 def trained(root, targets):
     """Each family trained briefly on its target's own greedy answers, so drafts get accepted."""
     for name, target in targets.items():
-        collect(
-            CollectConfig(
-                model=name,
-                prompts=[str(shared_prompts("vicuna_bench.jsonl"))],
-                out=str(root / name),
-                layers=sorted({0, target.num_layers // 2, target.num_layers}),  # EAGLE-3's tiny defaults
-                max_new_tokens=32,
-                max_prompts=40,
-                progress=False,
-            ),
+        collect_store(
             target,
+            root / name,
+            [str(shared_prompts("vicuna_bench.jsonl"))],
+            layers=sorted({0, target.num_layers // 2, target.num_layers}),  # EAGLE-3's tiny defaults
+            max_new_tokens=32,
+            max_prompts=40,
         )
     return {
         name: train_tiny_head(targets[tname], root / tname, root / f"run-{name}", head_type, fields)
@@ -130,7 +127,6 @@ def test_replay_refuses_what_the_engine_refuses(trained, targets):
         replay(target, trained["eagle3"], [[5]], [0], 8)
 
 
-
 def test_training_simulated_tau_walks_answer_spans_like_the_engine():
     from mtpkit.train.losses import shifted_labels
     from mtpkit.train.trainer import simulated_tau
@@ -159,3 +155,117 @@ def test_training_simulated_tau_walks_answer_spans_like_the_engine():
         expected[k] = (float(acc), steps)
     assert simulated_tau(stats, K) == expected
     assert all(v[1] > 0 for v in expected.values())
+
+
+def test_eval_scores_every_prompt_by_replay_and_times_a_subset(trained, targets, root, tmp_path):
+    from mtpkit.decode.evaluate import EvalConfig, evaluate
+
+    prompts = tmp_path / "cats.jsonl"
+    texts = [p.turns[0] for p in load_prompts([shared_prompts("vicuna_bench.jsonl")])[40:52]]
+    prompts.write_text(
+        "".join(json.dumps({"turns": [t], "category": "ab"[i % 2]}) + "\n" for i, t in enumerate(texts))
+    )
+    out = tmp_path / "r.json"
+    report = evaluate(
+        EvalConfig(
+            head=str(root / "run-eagle3"),
+            prompts=[str(prompts)],
+            out=str(out),
+            k=[1, 3],
+            max_new_tokens=32,
+            timing_prompts=3,
+            batch_size=5,
+            hf_baseline=False,
+            progress=False,
+        ),
+        targets["tiny-llama"],
+    )
+    assert report["tau_method"] == "replay" and report["num_prompts"] == 12 and report["timing_prompts"] == 3
+    timed = [r for r in report["records"] if "plain_seconds" in r]
+    assert len(timed) == 3 and report["identical"] == 3
+    for r in report["sweep"]:
+        agree = r["replay_agreement"]
+        assert agree["prompts"] == 3 and agree["steps_equal"] == agree["steps"] > 0
+        assert r["tau_ci"][0] <= r["tau"] <= r["tau_ci"][1] and r["tau_ci"][0] < r["tau_ci"][1]
+        assert len(r["per_position_ci"]) == r["k"]
+        # τ over all prompts is the steps of every prompt's record pooled.
+        steps = sum(rec[f"k{r['k']}"]["steps"] for rec in report["records"])
+        assert steps == r["steps"]
+        cats = r["categories"]
+        assert sorted(cats) == ["a", "b"] and cats["a"]["num_prompts"] == cats["b"]["num_prompts"] == 6
+        assert cats["a"]["steps"] + cats["b"]["steps"] == r["steps"]
+    md = out.with_suffix(".md").read_text()
+    assert f"| 3 | {report['sweep'][1]['tau']:.2f} ± " in md and "| 3 | b | 6 |" in md
+
+
+def test_eval_sets_writes_one_combined_report(trained, targets, root, tmp_path):
+    from mtpkit.decode.evaluate import EvalConfig, evaluate_sets
+
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    texts = [p.turns[0] for p in load_prompts([shared_prompts("vicuna_bench.jsonl")])[40:48]]
+    for name, chunk in (("one", texts[:4]), ("two", texts[4:])):
+        (sets / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in chunk))
+    out = tmp_path / "protocol.json"
+    cfg = EvalConfig(
+        head=str(root / "run-mtp1"),
+        prompts=[],
+        out=str(out),
+        k=[1, 2],
+        max_new_tokens=16,
+        timing_prompts=1,
+        hf_baseline=False,
+        progress=False,
+    )
+    combined = evaluate_sets(cfg, [str(sets)], targets["tiny-deepseek_v3"])
+    assert list(combined["sets"]) == ["one", "two"] and combined["k"] == [1, 2]
+    for s in combined["sets"].values():
+        assert s["num_prompts"] == 4 and [r["k"] for r in s["sweep"]] == [1, 2]
+        assert all(r["replay_agreement"]["step_fraction"] == 1.0 for r in s["sweep"])
+    assert json.loads(out.read_text())["wall_seconds"] > 0
+    assert "| one | 4 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size
+    assert (tmp_path / "protocol.two.json").is_file()
+
+
+def test_bad_eval_input_names_the_problem_and_leaves_no_report(trained, targets, root, tmp_path):
+    from mtpkit.decode.evaluate import EvalConfig, evaluate, evaluate_sets
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = tmp_path / "r.json"
+
+    def cfg(head, k=(2,)):
+        return EvalConfig(head=str(root / head), prompts=[str(good)], out=str(out), k=list(k), progress=False)
+
+    with pytest.raises(DecodeError, match="-k 6: a medusa head with num_heads 5 drafts at most 5"):
+        evaluate(cfg("run-medusa", (2, 6)), targets["tiny-llama"])
+    with pytest.raises(DecodeError, match=f"{empty}: no prompts in the file"):
+        evaluate_sets(cfg("run-eagle3"), [str(good), str(empty)], targets["tiny-llama"])
+    with pytest.raises(DecodeError, match="no such file"):
+        evaluate_sets(cfg("run-eagle3"), [str(tmp_path / "missing.jsonl")], targets["tiny-llama"])
+    with pytest.raises(Exception, match="trained for 'tiny-llama', not 'tiny-deepseek_v3'"):
+        evaluate(cfg("run-eagle3"), targets["tiny-deepseek_v3"])
+    assert not list(tmp_path.glob("r*"))  # nothing written
+
+
+@pytest.mark.slow
+def test_replay_equals_the_engine_on_the_real_model(tmp_path, smollm2):
+    """SmolLM2-135M with an MTP head trained for a minute: same steps as the engine, both dtypes."""
+    store = tmp_path / "store"
+    collect_store(smollm2, store, ["builtin:demo_train"], max_prompts=24, max_new_tokens=64, batch_size=8)
+    cfg = {"num_depths": 1, "train_depths": 3}
+    head = train_tiny_head(smollm2, store, tmp_path / "run", "mtp", cfg)
+    prompts = [chat.start(smollm2.tokenizer, p).ids for p in load_prompts(["builtin:demo_eval"])[:4]]
+    plain = SpeculativeDecoder(smollm2)
+    accepted = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        got = replay(smollm2, head, prompts, [1, 2, 3], 48, draft_dtype=dtype, batch_size=4)
+        for i, ids in enumerate(prompts):
+            assert got.sequences[i].tokens == plain.generate(ids, 48).tokens
+            for k in (1, 2, 3):
+                res = SpeculativeDecoder(smollm2, head, k=k, draft_dtype=dtype).generate(ids, 48)
+                assert got.steps[k][i] == [s.accepted for s in res.steps], (dtype, i, k)
+                accepted += sum(s.accepted for s in res.steps)
+    assert accepted > 0
