@@ -190,6 +190,11 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, help="replay: prompts generated at once")
     p.add_argument(
+        "--semantics",
+        default="mtpkit",
+        help="replay: whose drafting to predict τ for — mtpkit, vllm or sglang (docs/speculative-decoding.md)",
+    )
+    p.add_argument(
         "--out", default="report.json", help="report JSON (a .md summary and PNG plots go beside it)"
     )
     p.set_defaults(func=_run_eval)
@@ -218,6 +223,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         replay=args.replay,
         timing_prompts=args.timing_prompts,
         batch_size=args.batch_size,
+        semantics=args.semantics,
     )
     if args.sets:
         print(sets_markdown(evaluate_sets(cfg, args.sets)))

@@ -12,7 +12,7 @@ from conftest import collect_store, shared_prompts, train_tiny_head
 from mtpkit.data import chat
 from mtpkit.data.prompts import load_prompts
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
-from mtpkit.decode.replay import greedy_generate, leading_runs, replay, walk
+from mtpkit.decode.replay import engine_mtp_forward, greedy_generate, leading_runs, replay, walk
 from mtpkit.models import load_target
 
 # (target, head type, head fields, largest K the test drafts)
@@ -239,6 +239,15 @@ def test_bad_eval_input_names_the_problem_and_leaves_no_report(trained, targets,
     def cfg(head, k=(2,)):
         return EvalConfig(head=str(root / head), prompts=[str(good)], out=str(out), k=list(k), progress=False)
 
+    with pytest.raises(DecodeError, match="semantics must be one of"):
+        EvalConfig(head=str(root / "run-mtp1"), prompts=[str(good)], semantics="tgi")
+    with pytest.raises(DecodeError, match="sglang has no proposer for diffusion heads"):
+        evaluate(
+            EvalConfig(
+                head=str(root / "run-diffusion"), prompts=[str(good)], out=str(out), semantics="sglang"
+            ),
+            targets["tiny-llama"],
+        )
     with pytest.raises(DecodeError, match="-k 6: a medusa head with num_heads 5 drafts at most 5"):
         evaluate(cfg("run-medusa", (2, 6)), targets["tiny-llama"])
     with pytest.raises(DecodeError, match=f"{empty}: no prompts in the file"):
@@ -248,6 +257,61 @@ def test_bad_eval_input_names_the_problem_and_leaves_no_report(trained, targets,
     with pytest.raises(Exception, match="trained for 'tiny-llama', not 'tiny-deepseek_v3'"):
         evaluate(cfg("run-eagle3"), targets["tiny-deepseek_v3"])
     assert not list(tmp_path.glob("r*"))  # nothing written
+
+
+def _engine_mtp_drafts(head, target, seq: list[int], k: int) -> list[int]:
+    """vLLM's EagleProposer on an MTP head, from scratch: one pass over the verified rows fills
+    the draft cache, then one row per draft at the next position reading the last output."""
+    from transformers import DynamicCache
+
+    from mtpkit.heads.common import attention_mask, causal_allowed
+
+    N, module, cache = len(seq), head.module_for_step(0), DynamicCache()
+    with torch.no_grad():
+        h = target.hidden_states(torch.tensor([seq[: N - 1]]))[0, :, 0][None]
+        pos = torch.arange(N - 1)[None]
+        emb = head.embed_tokens(torch.tensor([seq[1:N]]))
+        emb[:, 0] = 0
+        mask = attention_mask(causal_allowed(N - 1, 0), head.config, h.dtype)
+        out = module(h, emb, mask, head.rotary_emb(h, position_ids=pos), pos, cache)[0, -1]
+        drafts: list[int] = []
+        for j in range(1, k + 1):
+            drafts.append(int(head.lm_head(module.shared_head.norm(out)).argmax()))
+            if j < k:
+                p, x = torch.tensor([[N - 2 + j]]), out[None, None]
+                e = head.embed_tokens(torch.tensor([[drafts[-1]]]))
+                out = module(x, e, None, head.rotary_emb(x, position_ids=p), p, cache)[0, -1]
+    return drafts
+
+
+@pytest.mark.parametrize("name", ["mtp1", "mtp3"])
+def test_vllm_semantics_replay_equals_a_vllm_style_drafter(trained, targets, monkeypatch, name):
+    target, head = targets["tiny-deepseek_v3"], trained[name]
+    prompts = _prompts(target, 3)
+    ks = [1, 2, 3, 4]
+    ours = replay(target, head, prompts, ks, MAX_NEW, batch_size=3)
+    theirs = replay(target, head, prompts, ks, MAX_NEW, batch_size=3, semantics="vllm")
+    assert theirs.steps[1] == ours.steps[1]  # one draft: the same computation
+    monkeypatch.setattr(
+        SpeculativeDecoder,
+        "_draft",
+        lambda self, ids: (_engine_mtp_drafts(head, target, ids, self.k), [None] * self.k),
+    )
+    for k in ks:
+        for i, ids in enumerate(prompts):
+            steps = [s.accepted for s in SpeculativeDecoder(target, head, k=k).generate(ids, MAX_NEW).steps]
+            assert theirs.steps[k][i] == steps, (k, i)
+    # The engines' chain is another computation from step 2 on (positions, keys, module 0).
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        h = target.hidden_states(ids)[..., 0, :]
+        a, b = head.forward_train(ids, h, 2), engine_mtp_forward(head, ids, h, 2)
+    torch.testing.assert_close(a[0][:, :-1], b[0][:, :-1])  # the last row has no next token
+    assert (a[1][0, :-2] - b[1][0, :-2]).abs().max() > 1e-3
+    with pytest.raises(DecodeError, match="semantics must be one of"):
+        replay(target, head, prompts, ks, MAX_NEW, semantics="tgi")
+    with pytest.raises(DecodeError, match="sglang has no proposer for medusa heads"):
+        replay(targets["tiny-llama"], trained["medusa"], prompts, ks, MAX_NEW, semantics="sglang")
 
 
 @pytest.mark.slow

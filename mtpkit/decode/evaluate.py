@@ -23,7 +23,7 @@ from mtpkit.data import chat
 from mtpkit.data.prompts import load_prompts
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.decode.metrics import AcceptanceStats, bootstrap_ci, merged
-from mtpkit.decode.replay import max_draft_tokens, replay
+from mtpkit.decode.replay import SEMANTICS, check_semantics, max_draft_tokens, replay
 from mtpkit.heads import head_dir, load_head, read_head_config
 from mtpkit.models import Target, load_target
 
@@ -52,6 +52,7 @@ class EvalConfig:
     replay: bool = True  # greedy τ by replay over every prompt (False: the engine on every prompt)
     timing_prompts: int | None = 8  # greedy with replay: prompts the engine also runs (speed, lossless)
     batch_size: int = 16  # replay's batched plain generation
+    semantics: str = "mtpkit"  # whose drafting replay predicts: mtpkit | vllm | sglang
 
     def __post_init__(self):
         if isinstance(self.k, int):
@@ -64,6 +65,10 @@ class EvalConfig:
             raise DecodeError(
                 f"need timing_prompts >= 0 and batch_size >= 1, got {self.timing_prompts}, {self.batch_size}"
             )
+        if self.semantics not in SEMANTICS:
+            raise DecodeError(f"semantics must be one of {list(SEMANTICS)}, got {self.semantics!r}")
+        if self.semantics != "mtpkit" and not (self.temperature == 0 and self.replay):
+            raise DecodeError(f"semantics {self.semantics!r} is a replay option: greedy (temperature 0) only")
         for name in ("draft_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise DecodeError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
@@ -152,6 +157,7 @@ def load_eval_head(cfg: EvalConfig, target: Target | None = None):
     if cfg.denoising_steps is not None:
         set_denoising_steps(head, cfg.denoising_steps)
     _check_k(head, cfg.k)
+    check_semantics(head, cfg.semantics)
     return hdir, target, head
 
 
@@ -176,9 +182,18 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
     if use_replay:
         t0 = time.perf_counter()
         replayed = replay(
-            target, head, prompt_ids, cfg.k, cfg.max_new_tokens, _DTYPES[cfg.draft_dtype], cfg.batch_size
+            target,
+            head,
+            prompt_ids,
+            cfg.k,
+            cfg.max_new_tokens,
+            _DTYPES[cfg.draft_dtype],
+            cfg.batch_size,
+            semantics=cfg.semantics,
         )
         replay_seconds = time.perf_counter() - t0
+    # The engine drafts as mtpkit does; only MTP heads draft differently in vLLM / SGLang.
+    comparable = replayed is not None and (cfg.semantics == "mtpkit" or head.head_type != "mtp")
     plain = SpeculativeDecoder(target, None, 0, cfg.temperature, cfg.top_p, cfg.seed)
     specs = {
         k: SpeculativeDecoder(target, head, k, cfg.temperature, cfg.top_p, cfg.seed, _DTYPES[cfg.draft_dtype])
@@ -245,7 +260,7 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
                 "steps": per.steps,
                 **({"identical": same} if greedy else {}),
             }
-            if replayed is not None:
+            if comparable:
                 mine, theirs = replayed.steps[k][i], [s.accepted for s in res.steps]
                 a = agree[k]
                 a["prompts"] += mine == theirs
@@ -288,6 +303,7 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
         }
         if replayed is not None:
             row["engine_tau"] = merged(engine_stats[k], k).tau if engine_stats[k] else None
+        if comparable:
             row["replay_agreement"] = {
                 **agree[k],
                 "timing_prompts": n_timed,
@@ -326,6 +342,7 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
         "num_prompts": len(prompts),
         "timing_prompts": n_timed,
         "tau_method": "replay" if replayed is not None else "engine",
+        "semantics": cfg.semantics,
         "replay": None
         if replayed is None
         else {

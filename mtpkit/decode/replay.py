@@ -244,15 +244,60 @@ def max_draft_tokens(head) -> int | None:
     return None
 
 
+SEMANTICS = ("mtpkit", "vllm", "sglang")
+
+
+def check_semantics(head, semantics: str) -> None:
+    """Refuse drafting semantics that do not exist, or an engine that cannot serve the head."""
+    if semantics not in SEMANTICS:
+        raise DecodeError(f"semantics must be one of {list(SEMANTICS)}, got {semantics!r}")
+    unserved = {"vllm": ("diffusion",), "sglang": ("medusa", "diffusion")}.get(semantics, ())
+    if head.head_type in unserved:
+        raise DecodeError(f"{semantics} has no proposer for {head.head_type} heads")
+
+
+def engine_mtp_forward(head, input_ids: torch.Tensor, hidden: torch.Tensor, depths: int) -> list:
+    """An MTP head drafting as vLLM's EagleProposer and SGLang's EAGLE worker chain it, teacher
+    forced: step 1 runs over every verified row (target state h_i, token t_{i+1}, position i) and
+    its keys are the cache; step j ≥ 2 is one row at position a + j − 1 reading step j−1's output
+    and the previous draft, attending to step-1 keys of rows ≤ a and its own chain — EAGLE-3's
+    training-time-test pattern. Every step runs MTP layer 0 (vLLM's proposer does not pass
+    spec_step_idx; SGLang's NEXTN model has one layer). Returns per-step normed states indexed by
+    anchor (step j, row a predicts t_{a+j+1}), as `forward_train`."""
+    from mtpkit.heads.common import attention_mask
+    from mtpkit.heads.eagle3 import ttt_allowed
+
+    B, T = input_ids.shape
+    positions = torch.arange(T)[None].expand(B, -1)
+    nxt = torch.zeros_like(input_ids)
+    nxt[:, :-1] = input_ids[:, 1:]
+    embeds = head.embed_tokens(nxt)
+    if head.cfg.zero_first_embedding:
+        embeds[:, 0] = 0
+    module = head.module_for_step(0)
+    cache = DynamicCache()
+    prev, outputs = hidden, []
+    for j in range(1, depths + 1):
+        mask = attention_mask(ttt_allowed(T, j), head.config, prev.dtype)
+        out = module(prev, embeds, mask, head.rotary_emb(prev, position_ids=positions), positions, cache)
+        # Step j, row i belongs to the chain anchored at i − j + 1: shift it back to its anchor.
+        outputs.append(F.pad(module.shared_head.norm(out)[:, j - 1 :], (0, 0, 0, j - 1)))
+        prev = F.pad(out[:, :-1], (0, 0, 1, 0))  # step j+1 at row i reads step j's output at row i−1
+    return outputs
+
+
 def _to_target_ids(head, draft_ids: torch.Tensor) -> torch.Tensor:
     return head.draft_to_target()[draft_ids] if hasattr(head, "d2t") else draft_ids
 
 
 @torch.no_grad()
-def draft_hits(head, seq: Sequence, k_max: int, dtype: torch.dtype) -> torch.Tensor:
+def draft_hits(
+    head, seq: Sequence, k_max: int, dtype: torch.dtype, semantics: str = "mtpkit"
+) -> torch.Tensor:
     """hits [k_max, T] over the extended sequence (T = its length): depth j, row r is True when
-    the draft j the engine makes at anchor r (after r + 1 verified rows... see module doc)
-    equals t_{r+j+1}. Rows without features or label are False."""
+    draft j at anchor r (the step that starts with r + 2 verified tokens) equals t_{r+j+1}.
+    Rows without features or label are False. `semantics`: whose drafting (see SEMANTICS);
+    only MTP heads draft differently in vLLM / SGLang (`engine_mtp_forward`)."""
     full = torch.tensor(seq.prompt + seq.extended)
     T = len(full)
     n_rows = len(seq.features)  # rows with target features: 0..P+G−2
@@ -270,7 +315,10 @@ def draft_hits(head, seq: Sequence, k_max: int, dtype: torch.dtype) -> torch.Ten
     x = feats.new_zeros(T, *feats.shape[1:])
     x[:n_rows] = feats
     layers = getattr(head, "feature_layers", None)
-    outs = head.forward_train(full[None], (x if layers else x[:, 0])[None], k_max)
+    if head.head_type == "mtp" and semantics != "mtpkit":
+        outs = engine_mtp_forward(head, full[None], x[None, :, 0], k_max)
+    else:
+        outs = head.forward_train(full[None], (x if layers else x[:, 0])[None], k_max)
     for j, h in enumerate(outs, start=1):
         student = head.output_layers(j)[0] if hasattr(head, "output_layers") else head.lm_head
         drafts = _to_target_ids(head, F.linear(h[0, :n_rows], student.weight, student.bias).argmax(-1))
@@ -289,11 +337,15 @@ def replay(
     draft_dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
     tie_margin: float | None = None,
+    semantics: str = "mtpkit",
 ) -> ReplayResult:
     """Greedy speculative decoding's per-step accepted counts for every prompt and K in `ks`,
-    without running it: see the module docstring."""
+    without running it: see the module docstring. `semantics` "vllm" / "sglang" predicts those
+    engines' drafting of the same head (K = vLLM's num_speculative_tokens = SGLang's
+    speculative_num_draft_tokens − 1)."""
     if not ks or min(ks) < 1:
         raise DecodeError(f"K (draft tokens per step) must be >= 1, got {ks}")
+    check_semantics(head, semantics)
     k_max = max(ks)
     try:  # the engine's own validation of K against the head (Medusa: K ≤ heads, ...)
         make_drafter(head, k_max, draft_dtype, lambda x: (int(x.argmax()), None))
@@ -315,7 +367,7 @@ def replay(
     for i, seq in greedy_generate(
         target, prompts, max_new_tokens, layers, k_max - 1, batch_size, tie_margin=tie_margin
     ):
-        runs = leading_runs(draft_hits(drafting, seq, k_max, draft_dtype)).tolist()
+        runs = leading_runs(draft_hits(drafting, seq, k_max, draft_dtype, semantics)).tolist()
         P, G = len(seq.prompt), len(seq.tokens)
         for k in ks:
             steps[k][i] = walk(runs, P - 1, P + G - 2, k)
