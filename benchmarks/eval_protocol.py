@@ -16,6 +16,7 @@ import json
 import platform
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -55,17 +56,22 @@ def generation_throughput(target, prompt_ids: list[list[int]], batch_sizes, max_
     return out
 
 
-def batching_check(target, prompt_ids: list[list[int]], batch_size: int, max_new_tokens: int) -> dict:
-    """How often a batched greedy output differs from the batch-1 one, without replay's rerun,
-    and the smallest top-2 logit margin of the prompts that differ and of those that do not."""
+def batching_check(target, prompt_ids: list[list[int]], n: int, batch_size: int, max_new_tokens: int) -> dict:
+    """How often a batched greedy output differs from the batch-1 one without replay's rerun:
+    n prompts spread over the sets, generated inside one batch of `batch_size` and alone; with
+    the smallest top-2 logit margin of the prompts that differ and of those that do not."""
     from mtpkit.decode.replay import greedy_generate
 
-    batched = dict(greedy_generate(target, prompt_ids, max_new_tokens, batch_size=batch_size, tie_margin=0))
-    alone = dict(greedy_generate(target, prompt_ids, max_new_tokens, batch_size=1))
+    chosen = list(range(0, len(prompt_ids), max(1, len(prompt_ids) // n)))[:n]
+    fill = [i for i in range(len(prompt_ids)) if i not in chosen][: batch_size - len(chosen)]
+    batch = [prompt_ids[i] for i in chosen + fill]
+    got = dict(greedy_generate(target, batch, max_new_tokens, batch_size=batch_size, tie_margin=0))
+    batched = {j: got[j] for j in range(len(chosen))}
+    alone = dict(greedy_generate(target, batch[: len(chosen)], max_new_tokens, batch_size=1))
     differ = [i for i in batched if batched[i].tokens != alone[i].tokens]
     same = [i for i in batched if i not in differ]
     return {
-        "prompts": len(prompt_ids),
+        "prompts": len(chosen),
         "batch_size": batch_size,
         "differ": len(differ),
         "min_margin_differing": [batched[i].min_margin for i in differ],
@@ -82,21 +88,27 @@ def engine_semantics(target, head, files, args, draft_dtype: str, combined: dict
     chosen = next((f for f in files if f.stem == args.semantics_set), files[0])
     ids = [chat.start(target.tokenizer, p).ids for p in load_prompts([str(chosen)])]
     dtype = getattr(torch, draft_dtype)
-    out: dict = {"set": chosen.stem, "prompts": len(ids)}
-    for semantics in ("mtpkit", "vllm"):  # SGLang's chain is vLLM's (docs/speculative-decoding.md)
-        start = time.perf_counter()
-        got = replay(
-            target, head, ids, args.k, args.max_new_tokens, dtype, args.batch_size, semantics=semantics
-        )
-        out[semantics] = {str(k): got.stats[k].tau for k in args.k}
-        out[f"{semantics}_seconds"] = time.perf_counter() - start
-        print(semantics, out[semantics], flush=True)
-    return out
+    mtpkit = {str(r["k"]): r["tau"] for r in combined["sets"][chosen.stem]["sweep"]}
+    start = time.perf_counter()
+    # SGLang's NEXTN chain is vLLM's (docs/speculative-decoding.md): one replay predicts both.
+    got = replay(target, head, ids, args.k, args.max_new_tokens, dtype, args.batch_size, semantics="vllm")
+    vllm = {str(k): got.stats[k].tau for k in args.k}
+    print("served τ on", chosen.stem, "mtpkit", mtpkit, "vllm/sglang", vllm, flush=True)
+    return {
+        "set": chosen.stem,
+        "prompts": len(ids),
+        "mtpkit": mtpkit,
+        "vllm_sglang": vllm,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--head", required=True, help="a trained head (or run) for smollm2-135m-instruct")
+    ap.add_argument("--head", required=True, help="a trained head (or run) for --model")
+    ap.add_argument(
+        "--model", default="smollm2-135m-instruct", help="the target (a tiny one for a smoke run)"
+    )
     ap.add_argument("--sets", nargs="+", default=[str(EVAL_DIR)])
     ap.add_argument("-k", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -116,7 +128,7 @@ def main() -> None:
     from mtpkit.models import load_target
 
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    target = load_target("smollm2-135m-instruct")
+    target = load_target(args.model)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     cfg = EvalConfig(
@@ -138,12 +150,7 @@ def main() -> None:
     files = set_files(args.sets)
     prompt_ids = [chat.start(target.tokenizer, p).ids for p in load_prompts([str(f) for f in files])]
     extra_wall = time.perf_counter()
-    check = batching_check(
-        target,
-        prompt_ids[:: max(1, len(prompt_ids) // args.batching_check)][: args.batching_check],
-        8,
-        args.max_new_tokens,
-    )
+    check = batching_check(target, prompt_ids, args.batching_check, args.batch_size, args.max_new_tokens)
     throughput = generation_throughput(target, prompt_ids, (1, 8, 32), 64)
     semantics = engine_semantics(target, head, files, args, cfg.draft_dtype, combined)
     sets = {}
@@ -171,8 +178,8 @@ def main() -> None:
         }
     agree = [r["replay_agreement"] for s in combined["sets"].values() for r in s["sweep"]]
     result = {
-        "command": f"flock /tmp/mtpkit-heavy.lock .venv/bin/python benchmarks/eval_protocol.py --head {args.head}",
-        "model": "smollm2-135m-instruct",
+        "command": "flock /tmp/mtpkit-heavy.lock .venv/bin/python " + " ".join(sys.argv),
+        "model": args.model,
         "head": combined["head"],
         "head_config": head.describe(),
         "k": args.k,
