@@ -115,6 +115,12 @@ def main() -> None:
     ap.add_argument("--timing-prompts", type=int, default=2, help="per set: the real engine's subset")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
+        "--draft-dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="float32 on CPUs without AVX-512-BF16/AMX, where bf16 GEMMs take a slow fallback path",
+    )
+    ap.add_argument(
         "--batching-check", type=int, default=8, help="prompts regenerated at batch 1 to count changes"
     )
     ap.add_argument("--semantics-set", default="gsm8k", help="the set τ per engine semantics is replayed on")
@@ -139,6 +145,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         timing_prompts=args.timing_prompts,
         batch_size=args.batch_size,
+        draft_dtype=args.draft_dtype,
         hf_baseline=False,
         progress=False,
     )
