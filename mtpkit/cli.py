@@ -149,10 +149,22 @@ def _eval_parser(sub) -> None:
     )
     _config_args(p, "YAML file with any of the fields below (flags override it)", "field=value")
     p.add_argument("--head", help="head directory, or a training run directory (required)")
-    p.add_argument("--prompts", nargs="+", help="prompt files in any format collect reads (required)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--prompts", nargs="+", help="prompt files in any format collect reads (required unless --sets)"
+    )
+    src.add_argument(
+        "--sets",
+        nargs="+",
+        help="the standard protocol: each prompt file (a directory: its *.jsonl) is a set, run at every "
+        "K (default 1 2 3 4) into one combined report",
+    )
     p.add_argument("--model", help="target spec (default: the one the head was trained for)")
     p.add_argument(
-        "-k", type=int, nargs="+", help="draft tokens per step (>= 1; default 3); several values = a sweep"
+        "-k",
+        type=int,
+        nargs="+",
+        help="draft tokens per step (>= 1); several values = a sweep (default 3; --sets: 1 2 3 4)",
     )
     p.add_argument(
         "--max-prompts",
@@ -185,15 +197,48 @@ def _eval_parser(sub) -> None:
         help="diffusion heads: denoising passes per draft (default: the head's)",
     )
     p.add_argument(
+        "--timing-prompts",
+        type=int,
+        help=field_help(
+            EvalConfig,
+            "timing_prompts",
+            "greedy: τ comes from replay over every prompt; the real engine runs on the first N "
+            "(wall-clock speedup, the lossless check, replay-vs-engine agreement)",
+        ),
+    )
+    p.add_argument(
+        "--no-replay",
+        dest="replay",
+        action="store_false",
+        help="greedy τ from the real engine on every prompt instead of replay",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=field_help(EvalConfig, "batch_size", "replay: prompts generated at once"),
+    )
+    p.add_argument(
+        "--semantics",
+        help="replay: whose drafting to predict τ for — mtpkit (default), vllm or sglang (docs/speculative-decoding.md)",
+    )
+    p.add_argument(
         "--out", help="report JSON (default report.json; a .md summary and PNG plots go beside it)"
     )
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from mtpkit.decode.evaluate import EvalConfig, evaluate, summary_markdown
+    from mtpkit.decode.evaluate import EvalConfig, evaluate, evaluate_sets, sets_markdown, summary_markdown
 
-    cfg = config_from_args(EvalConfig, args)
+    sets = getattr(args, "sets", None)
+    if sets:  # the sets are the prompts; K = 1..4 unless given
+        args.prompts = []
+        args.k = getattr(args, "k", None) or [1, 2, 3, 4]
+    cfg = config_from_args(EvalConfig, args, exclude=("sets",))
+    if sets:
+        print(sets_markdown(evaluate_sets(cfg, sets)))
+        print(f"wrote {cfg.out}")
+        return 0
     report = evaluate(cfg)
     print(summary_markdown(report))
     print(f"wrote {cfg.out}")

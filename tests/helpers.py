@@ -125,3 +125,35 @@ def saved_tiny_llama(root: Path, **fields):
     from mtpkit.models import load_target
 
     return load_target(str(root / "target"))
+
+
+def train_tiny_head(target, store, out, head_type: str = "mtp", fields: dict | None = None):
+    """A head trained briefly (60 steps) on a tiny target's store: enough to be accepted often."""
+    from mtpkit.config import from_dict
+    from mtpkit.heads import load_head
+    from mtpkit.train.config import TrainConfig
+    from mtpkit.train.trainer import train
+
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "out": str(out),
+            "head_type": head_type,
+            "head": fields or {},
+            "data": {"store": str(store), "token_budget": 1024},
+            "max_steps": 60,
+            "eval_every": 60,
+            "save_every": 60,
+            "progress": False,
+            "optim": {"lr": 3e-3, "warmup_steps": 5},
+        },
+    )
+    return load_head(train(cfg, target=target)["head"], target)
+
+
+def collect_store(target, out, prompts: list[str], **fields):
+    """A store of the target's own greedy answers (collect's defaults, no progress bar)."""
+    from mtpkit.data.collect import CollectConfig, collect
+
+    cfg = CollectConfig(model=target.name, prompts=prompts, out=str(out), progress=False, **fields)
+    return collect(cfg, target)

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import decode_with_draft_trace, shared_prompts
+from helpers import decode_with_draft_trace, shared_prompts, train_tiny_head
 
-from mtpkit.config import from_dict
 from mtpkit.data import chat
 from mtpkit.data.collect import CollectConfig, collect
 from mtpkit.data.prompts import Prompt
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
-from mtpkit.heads import load_head
-from mtpkit.train.config import TrainConfig
-from mtpkit.train.trainer import train
 
 HEADS = {
     "eagle3": {"draft_vocab_size": 200, "ttt_steps": 3},
@@ -43,24 +39,10 @@ def store(tmp_path_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def trained(store, tiny_llama):
-    heads = {}
-    for name, fields in HEADS.items():
-        cfg = from_dict(
-            TrainConfig,
-            {
-                "out": str(store / name),
-                "head_type": name,
-                "head": fields,
-                "data": {"store": str(store / "store"), "token_budget": 1024},
-                "max_steps": 60,
-                "eval_every": 60,
-                "save_every": 60,
-                "progress": False,
-                "optim": {"lr": 3e-3, "warmup_steps": 5},
-            },
-        )
-        heads[name] = load_head(train(cfg, target=tiny_llama)["head"], tiny_llama)
-    return heads
+    return {
+        name: train_tiny_head(tiny_llama, store / "store", store / name, name, fields)
+        for name, fields in HEADS.items()
+    }
 
 
 def _prompt(target, text="Tell me about the sea, please."):

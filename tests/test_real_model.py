@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import shared_prompts
+from helpers import collect_store, shared_prompts
 
 from mtpkit.data.collect import CollectConfig, collect
 from mtpkit.data.prompts import load_prompts
@@ -55,18 +55,7 @@ def test_train_then_decode_losslessly_on_the_real_model(tmp_path, smollm2):
     from mtpkit.train.trainer import train
 
     store = tmp_path / "store"
-    collect(
-        CollectConfig(
-            model="smollm2-135m-instruct",
-            prompts=["builtin"],
-            out=str(store),
-            max_prompts=4,
-            max_new_tokens=24,
-            batch_size=4,
-            progress=False,
-        ),
-        smollm2,
-    )
+    collect_store(smollm2, store, ["builtin"], max_prompts=4, max_new_tokens=24, batch_size=4)
     before = {
         k: v.clone()
         for k, v in smollm2.model.state_dict().items()

@@ -61,3 +61,42 @@ class AcceptanceStats:
             "drafted": self.drafted,
             "accepted": self.accepted,
         }
+
+
+def bootstrap_ci(
+    per_prompt: list[AcceptanceStats], resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Percentile bootstrap CIs over prompts (resampled with replacement, each bringing all of
+    its steps) for τ, the acceptance rate and every per-position rate: [low, high] each."""
+    import torch
+
+    if not per_prompt:
+        return {}
+    k = per_prompt[0].k
+    steps = torch.tensor([float(s.steps) for s in per_prompt])
+    drafted = torch.tensor([float(s.drafted) for s in per_prompt])
+    accepted = torch.tensor([float(s.accepted) for s in per_prompt])
+    positions = torch.tensor([[float(a) for a in s.position_accepted] for s in per_prompt]).reshape(-1, k)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(per_prompt), (resamples, len(per_prompt)), generator=g)
+    S, D, A = steps[idx].sum(1), drafted[idx].sum(1), accepted[idx].sum(1)
+    tau = torch.where(S > 0, 1 + A / S.clamp(min=1), torch.ones_like(S))
+    rate = torch.where(D > 0, A / D.clamp(min=1), torch.zeros_like(D))
+    per = positions[idx].sum(1) / S.clamp(min=1)[:, None]  # [resamples, k]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+
+    def bounds(x: torch.Tensor) -> list[float]:
+        return [float(v) for v in torch.quantile(x.double(), q)]
+
+    return {
+        "tau_ci": bounds(tau),
+        "acceptance_rate_ci": bounds(rate),
+        "per_position_ci": [bounds(per[:, i]) for i in range(k)],
+    }
+
+
+def merged(per_prompt: list[AcceptanceStats], k: int) -> AcceptanceStats:
+    total = AcceptanceStats(k)
+    for s in per_prompt:
+        total.merge(s)
+    return total

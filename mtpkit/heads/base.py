@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # A draft picker: logits [V] → (token id, the full-vocabulary probabilities it was sampled from,
@@ -151,7 +152,31 @@ class DraftHead(nn.Module):
         """Target ids → (ids in the head's vocabulary, whether the head can produce them)."""
         return labels, torch.ones_like(labels, dtype=torch.bool)
 
+    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids in the head's vocabulary → target ids (a reduced vocabulary maps; default: the same)."""
+        return ids
+
     # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def teacher_forced_drafts(
+        self, ids: torch.Tensor, features: torch.Tensor, first_row: int, depths: int
+    ) -> torch.Tensor:
+        """Greedy drafts [depths, n] (target ids) at every anchor row r < n = len(features) of the
+        sequence `ids` [T], read from one teacher-forced pass: entry j−1, r is the j-th draft of the
+        decode step whose last processed row is r, i.e. what the drafter proposes for t_{r+j+1}
+        once drafts 1..j−1 were right. Rows before `first_row` (the prompt) may be left −1.
+        `features` [n, len(feature_layers), H] are the target's at rows 0..n−1. Replay uses this;
+        a drafter that is not the training forward read row by row overrides it."""
+        T, n = len(ids), len(features)
+        x = features.new_zeros(T, *features.shape[1:])
+        x[:n] = features
+        inputs = x[None] if self.feature_layers != [self.num_target_layers] else x[None, :, 0]
+        drafts = torch.full((depths, n), -1, dtype=torch.long)
+        for j, h in enumerate(self.forward_train(ids[None], inputs, depths), start=1):
+            student = self.output_layers(j)[0]
+            drafts[j - 1] = self.to_target_ids(F.linear(h[0, :n], student.weight, student.bias).argmax(-1))
+        return drafts
+
     def make_drafter(self, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True) -> Drafter:
         raise NotImplementedError
 

@@ -242,5 +242,19 @@ class DiffusionHead(DraftHead):
         states, weights = self.forward_train(input_ids, inputs, depths)
         return DepthOutputs(states, weights)
 
+    @torch.no_grad()
+    def teacher_forced_drafts(self, ids, features, first_row, depths) -> torch.Tensor:
+        """Block-parallel: the drafts of anchor r are one denoising of (h_r, t_{r+1})."""
+        n = len(features)
+        drafts = torch.full((depths, n), -1, dtype=torch.long)
+        rows = torch.arange(first_row, n)
+        rows = rows[rows + 1 < len(ids)]
+        if len(rows):
+            tokens, _, _ = self.denoise(
+                features[rows, 0], ids[rows + 1], self.cfg.denoising_steps, self.lm_head
+            )
+            drafts[:, rows] = tokens[:, :depths].T
+        return drafts
+
     def make_drafter(self, k, dtype, pick, greedy=True) -> DiffusionDrafter:
         return DiffusionDrafter(self, k, dtype, pick, greedy)

@@ -159,6 +159,9 @@ class Eagle3Head(DraftHead):
         """Target id of each draft id [V_d]."""
         return torch.arange(self.draft_vocab_size, device=self.d2t.device) + self.d2t
 
+    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.draft_to_target()[ids]
+
     def init_vocab(self, counts: torch.Tensor) -> None:
         """Draft vocabulary = the most frequent tokens of `counts` [V] (ties: lower id), sorted by id."""
         if counts.shape != self.t2d.shape:
