@@ -136,6 +136,18 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+AUTO_K_MAX = 5  # `-k auto` sweeps K = 1..5
+
+
+def _k_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def _eval_parser(sub) -> None:
     from mtpkit.decode.evaluate import EvalConfig
 
@@ -162,9 +174,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model", help="target spec (default: the one the head was trained for)")
     p.add_argument(
         "-k",
-        type=int,
+        type=_k_value,
         nargs="+",
-        help="draft tokens per step (>= 1); several values = a sweep (default 3; --sets: 1 2 3 4)",
+        help="draft tokens per step (>= 1); several values = a sweep (default 3; --sets: 1 2 3 4); "
+        "auto: every K up to 5 (or the head's limit), reporting the K with the best τ(K) / cost(K)",
     )
     p.add_argument(
         "--max-prompts",
@@ -230,6 +243,8 @@ def _eval_parser(sub) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from mtpkit.decode.evaluate import EvalConfig, evaluate, evaluate_sets, sets_markdown, summary_markdown
 
+    if "auto" in (getattr(args, "k", None) or []):  # trimmed to the head's limit once it is loaded
+        args.k, args.k_auto = list(range(1, AUTO_K_MAX + 1)), True
     sets = getattr(args, "sets", None)
     if sets:  # the sets are the prompts; K = 1..4 unless given
         args.prompts = []

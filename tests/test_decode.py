@@ -307,3 +307,27 @@ def test_feature_layers_come_from_hooks_exactly_as_output_hidden_states(tiny_lla
     for i in layers:
         torch.testing.assert_close(got[i], out.hidden_states[i], rtol=0, atol=0)
     assert not tiny_llama.embed_tokens._forward_hooks  # hooks are removed after the forward
+
+
+def test_k_auto_picks_the_k_with_the_best_tau_per_measured_cost(tmp_path, tiny_llama, monkeypatch):
+    """`-k auto` sweeps every K the head can draft (a 2-head Medusa: K = 1, 2) and names the K
+    whose τ(K) × plain ms / step ms is highest; the cost model's numbers follow from the row."""
+    from mtpkit.cli import main
+    from mtpkit.heads import save_head
+
+    save_head(build_head(tiny_llama, "medusa", {"num_heads": 2}), tmp_path / "m", tiny_llama)
+    out = tmp_path / "auto.json"
+    code = main(
+        ["eval", "--head", str(tmp_path / "m"), "--model", "tiny-llama", "--prompts", "builtin", "-k", "auto",
+         "--max-prompts", "2", "--max-new-tokens", "12", "--no-hf-baseline", "--no-progress", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["k"] for r in report["sweep"]] == [1, 2]
+    plain_ms = report["plain_decode_ms_per_token"]
+    for r in report["sweep"]:
+        assert r["step_ms"] == pytest.approx(r["draft_ms_per_step"] + r["verify_ms_per_step"])
+        assert r["break_even_tau"] == pytest.approx(r["step_ms"] / plain_ms)
+        assert r["predicted_speedup"] == pytest.approx(r["tau"] / r["break_even_tau"])
+    assert report["best_k"] == max(report["sweep"], key=lambda r: r["predicted_speedup"])["k"]
+    assert f"**{report['best_k']}**" in out.with_suffix(".md").read_text()

@@ -249,7 +249,9 @@ def test_bad_eval_input_names_the_problem_and_leaves_no_report(trained, targets,
             ),
             targets["tiny-llama"],
         )
-    with pytest.raises(DecodeError, match="-k 6: a Medusa head with 5 heads drafts at most that many tokens, not 6"):
+    with pytest.raises(
+        DecodeError, match="-k 6: a Medusa head with 5 heads drafts at most that many tokens, not 6"
+    ):
         evaluate(cfg("run-medusa", (2, 6)), targets["tiny-llama"])
     with pytest.raises(DecodeError, match=f"{empty}: no prompts in the file"):
         evaluate_sets(cfg("run-eagle3"), [str(good), str(empty)], targets["tiny-llama"])

@@ -54,6 +54,7 @@ class EvalConfig:
     timing_prompts: int | None = checked(8, ge=0)  # greedy with replay: prompts the engine also runs
     batch_size: int = checked(16, ge=1)  # replay's batched plain generation
     semantics: str = checked("mtpkit", choices=("mtpkit", "vllm", "sglang"))  # whose drafting replay predicts
+    k_auto: bool = False  # `-k auto`: the sweep is every K up to the head's limit; the report names the best
 
     def __post_init__(self):
         if isinstance(self.k, int):
@@ -160,6 +161,8 @@ def load_eval_head(cfg: EvalConfig, target: Target | None = None):
     head = load_head(hdir, target)
     if cfg.denoising_steps is not None:
         configure_inference(head, denoising_steps=cfg.denoising_steps)
+    if cfg.k_auto and head.max_draft_tokens is not None:
+        cfg.k = [k for k in cfg.k if k <= head.max_draft_tokens]
     _check_k(head, cfg.k)
     check_semantics(head, cfg.semantics)
     return hdir, target, head
@@ -305,6 +308,7 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
             "draft_ms_per_step": 1000 * draft_s / steps,
             "verify_ms_per_step": 1000 * verify_s / steps,
         }
+        row.update(cost_model(row, base_decode_tps))
         if replayed is not None:
             row["engine_tau"] = merged(engine_stats[k], k).tau if engine_stats[k] else None
         if comparable:
@@ -325,7 +329,9 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
                 for c in named
             }
         sweep.append(row)
+    best = best_k(sweep)
     return {
+        "best_k": best,
         **{
             key: sweep[0][key]
             for key in (
@@ -369,6 +375,27 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
     }
 
 
+def cost_model(row: dict, plain_decode_tps: float | None) -> dict:
+    """Speed at K from the measured costs on this machine: a step costs draft + verify ms and
+    yields τ tokens on average, a plain token costs 1 / plain_decode_tps. `break_even_tau` is the
+    τ at which the step pays for itself; `predicted_speedup` uses the τ over all prompts."""
+    step_ms = row["draft_ms_per_step"] + row["verify_ms_per_step"]
+    if not plain_decode_tps or step_ms <= 0:
+        return {"step_ms": step_ms or None, "break_even_tau": None, "predicted_speedup": None}
+    plain_ms = 1000 / plain_decode_tps
+    return {
+        "step_ms": step_ms,
+        "break_even_tau": step_ms / plain_ms,
+        "predicted_speedup": row["tau"] * plain_ms / step_ms,
+    }
+
+
+def best_k(sweep: list[dict]) -> int | None:
+    """The K whose τ(K) / cost(K) is highest (`-k auto` sweeps every K the head can draft)."""
+    scored = [r for r in sweep if r.get("predicted_speedup")]
+    return max(scored, key=lambda r: r["predicted_speedup"])["k"] if scored else None
+
+
 def _pm(value: float, ci: list[float] | None) -> str:
     """`1.53 ± 0.06`: the value and the half-width of its 95% CI."""
     return f"{value:.2f} ± {(ci[1] - ci[0]) / 2:.2f}" if ci else f"{value:.2f}"
@@ -395,8 +422,8 @@ def summary_markdown(report: dict) -> str:
             else "."
         ),
         "",
-        "| K | τ | acceptance rate | per-position | tokens/s | speedup | decode-only speedup | vs HF generate | draft ms/step | verify ms/step | identical | replay = engine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K | τ | acceptance rate | per-position | tokens/s | speedup | decode-only speedup | vs HF generate | draft ms/step | verify ms/step | break-even τ | predicted speedup | identical | replay = engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["sweep"]:
         per = " ".join(f"{x:.2f}" for x in r["per_position"])
@@ -407,8 +434,11 @@ def summary_markdown(report: dict) -> str:
             f"| {r['k']} | {_pm(r['tau'], r.get('tau_ci'))} | {r['acceptance_rate']:.3f} | {per} | "
             f"{_fmt(r['spec_tokens_per_s'], '.1f')} | {_fmt(r['speedup'], '.2f', 'x')} | "
             f"{_fmt(r['decode_speedup'], '.2f', 'x')} | {_fmt(r['speedup_vs_hf_generate'], '.2f', 'x')} | "
-            f"{r['draft_ms_per_step']:.1f} | {r['verify_ms_per_step']:.1f} | {same} | {agreed} |"
+            f"{r['draft_ms_per_step']:.1f} | {r['verify_ms_per_step']:.1f} | "
+            f"{_fmt(r.get('break_even_tau'), '.2f')} | {_fmt(r.get('predicted_speedup'), '.2f', 'x')} | {same} | {agreed} |"
         )
+    if report.get("best_k") is not None:
+        lines += ["", f"Best K on this machine (τ(K) / measured step cost): **{report['best_k']}**."]
     cats = [(r["k"], c, v) for r in report["sweep"] for c, v in r.get("categories", {}).items()]
     if cats:
         lines += ["", "| K | category | prompts | τ |", "|---|---|---|---|"]
