@@ -28,9 +28,13 @@ def prompt_ids(src, files: list[str], per_file: int) -> dict[str, list[list[int]
     return out
 
 
-def _tau_ci(records: list[dict], k: int, rounds: int = 2000, seed: int = 0) -> list[float]:
+def _pairs(records: list[dict], k: int) -> list[tuple[int, float]]:
+    """(verification steps, accepted drafts) of each prompt."""
+    return [(r[f"k{k}"]["steps"], (r[f"k{k}"]["tau"] - 1) * r[f"k{k}"]["steps"]) for r in records]
+
+
+def _tau_ci(pairs: list[tuple[int, float]], rounds: int = 2000, seed: int = 0) -> list[float]:
     """95% bootstrap interval of τ over prompts (steps and accepted tokens resampled together)."""
-    pairs = [(r[f"k{k}"]["steps"], (r[f"k{k}"]["tau"] - 1) * r[f"k{k}"]["steps"]) for r in records]
     rng = random.Random(seed)
     taus = []
     for _ in range(rounds):
@@ -54,7 +58,8 @@ def mtpkit_eval(head: Path, model: str | None, file: str, n: int, ks: list[int],
     for row in report["sweep"]:
         k = row["k"]
         by_k[k] = {key: row[key] for key in ("tau", "acceptance_rate", "per_position", "steps", "accepted")}
-        by_k[k]["tau_ci95"] = _tau_ci(report["records"], k)
+        by_k[k]["prompt_steps_accepted"] = _pairs(report["records"], k)
+        by_k[k]["tau_ci95"] = _tau_ci(by_k[k]["prompt_steps_accepted"])
     return by_k
 
 
@@ -122,7 +127,9 @@ def compare_vllm(src, exports: dict, args) -> dict:
         if "metrics" in run and run["speculative_config"]:
             run["acceptance"] = vllm_acceptance(run["metrics"])
         run.pop("outputs", None)
-    if len(runs) > 1:
+    if any(
+        "metrics" in r for r in report.get("runs", []) if r["speculative_config"]
+    ):  # else nothing to compare
         for file in args.prompts:
             mtpkit[Path(file).stem] = mtpkit_eval(src.path, args.model, file, args.max_prompts, args.k,
                                                   args.max_new_tokens)  # fmt: skip
@@ -139,5 +146,11 @@ def _pool(by_file: dict, ks: list[int]) -> dict:
         steps = sum(r["steps"] for r in rows)
         accepted = sum(r["accepted"] for r in rows)
         if steps:
-            pooled[k] = {"tau": 1 + accepted / steps, "steps": steps, "accepted": accepted}
+            pairs = [pair for r in rows for pair in r.get("prompt_steps_accepted", [])]
+            pooled[k] = {
+                "tau": 1 + accepted / steps,
+                "steps": steps,
+                "accepted": accepted,
+                "tau_ci95": _tau_ci(pairs),
+            }
     return pooled

@@ -37,6 +37,29 @@ FUSED = {
 }
 
 
+def _keep_loaded_weights() -> None:
+    """vLLM's CPU linear layers hand their weight to oneDNN / sgl-kernel after loading and replace
+    it with an empty tensor (`layers/utils.py` `dispatch_cpu_unquantized_gemm(remove_weight=True)`,
+    called from `linear.py:216`); keep a copy of what was loaded so it can be checked."""
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "_mtpkit", False):
+        return
+
+    def dispatch(layer, remove_weight: bool):
+        if remove_weight and layer.weight.numel():
+            layer._mtpkit_loaded_weight = layer.weight.detach().clone()
+        return original(layer, remove_weight)
+
+    dispatch._mtpkit = True
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+# Engine-internal tensors with no checkpoint counterpart (KV-cache scales, RoPE tables).
+_INTERNAL = ("._k_scale", "._v_scale", "._q_scale", "._prob_scale", "rotary_emb.", "_scale_float")
+
+
 def _drafter_state(worker) -> dict[str, torch.Tensor]:
     drafter = getattr(worker.model_runner, "drafter", None)
     model = getattr(drafter, "model", None)
@@ -44,7 +67,10 @@ def _drafter_state(worker) -> dict[str, torch.Tensor]:
         return {}
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
     state |= {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
-    return state
+    for name, module in model.named_modules():
+        if hasattr(module, "_mtpkit_loaded_weight"):
+            state[f"{name}.weight"] = module._mtpkit_loaded_weight
+    return {n: t for n, t in state.items() if not any(m in n for m in _INTERNAL)}
 
 
 def _expected(name: str, exported: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -78,8 +104,11 @@ def check_params(state: dict[str, torch.Tensor], export: Path) -> dict:
             unmatched.append(name)
             continue
         used += 1
-        if want.shape != value.shape or not torch.equal(want.to(value.dtype), value):
-            differ.append(name)
+        if want.shape != value.shape:
+            differ.append(f"{name}: shape {tuple(value.shape)} in vLLM, {tuple(want.shape)} exported")
+        elif not torch.equal(want.to(value.dtype), value):
+            diff = (want.to(torch.float64) - value.to(torch.float64)).abs().max().item()
+            differ.append(f"{name}: max |diff| {diff:.3g}")
     return {"params": len(state), "matched": used, "unmatched_params": unmatched, "differ": differ}
 
 
@@ -97,6 +126,8 @@ def run(spec: dict, item: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     result: dict = {"name": item["name"], "speculative_config": item.get("speculative_config")}
+    if item.get("export"):
+        _keep_loaded_weights()
     start = time.perf_counter()
     try:
         llm = LLM(
