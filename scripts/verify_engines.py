@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if "vllm" in engines:
         from vllm_compare import compare_vllm  # scripts/vllm_compare.py
 
+        args.partial = args.out.with_suffix(".vllm-partial.json")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         results["engines"]["vllm"] = compare_vllm(src, exports, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

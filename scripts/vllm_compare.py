@@ -104,7 +104,9 @@ def compare_vllm(src, exports: dict, args) -> dict:
                 config["method"] = method
             runs.append({"name": f"{fmt}/k{k}", "speculative_config": config, "export": str(path)})
     with tempfile.TemporaryDirectory() as tmp:
+        limit = json.loads(Path(target, "config.json").read_text()).get("max_position_embeddings", 2048)
         spec = {"target": str(target), "prompts": flat, "max_tokens": args.max_new_tokens, "dtype": "float32"}
+        spec["max_model_len"] = min(2048, limit)  # vLLM refuses more than the model's own
         spec["runs"] = runs
         Path(tmp, "spec.json").write_text(json.dumps(spec))
         log = ""
@@ -116,6 +118,8 @@ def compare_vllm(src, exports: dict, args) -> dict:
             log = str(exc)
         report = json.loads(Path(tmp, "out.json").read_text()) if Path(tmp, "out.json").is_file() else {}
     report["log_tail"] = log[-3000:]
+    if getattr(args, "partial", None):  # vLLM took minutes: keep its results before mtpkit eval runs
+        args.partial.write_text(json.dumps(report, indent=1) + "\n")
     plain = next((r for r in report.get("runs", []) if r["name"] == "plain"), None)
     mtpkit = {}
     for run in report.get("runs", []):
