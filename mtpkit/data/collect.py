@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mtpkit.config import FieldError, check_fields, checked
 from mtpkit.data import chat
+from mtpkit.data.generation import Job, generate_continuous
 from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, no_prompts_error, resolve_source
 from mtpkit.data.store import STORE_DTYPES, Sample, Store
 from mtpkit.models import Target, load_target
@@ -49,7 +50,8 @@ class CollectConfig:
     max_new_tokens: int = checked(256, ge=1)
     temperature: float = checked(0.0, ge=0, meaning="0 = greedy")
     top_p: float = checked(1.0, gt=0, le=1)
-    batch_size: int = checked(8, ge=1)
+    batch_size: int = checked(8, ge=1)  # generation slots (continuous batching)
+    round_prompts: int | None = checked(None, ge=1)  # items per commit unit; default 4 x batch_size
     layers: list[int] | None = checked(None, ge=0)  # HF hidden_states ids; default [num_layers] = final
     dtype: str = checked("bfloat16", choices=sorted(STORE_DTYPES))  # storage dtype of hidden states
     model_dtype: str = checked("float32", choices=("float32", "bfloat16", "float16"))
@@ -113,42 +115,24 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------- model work
-@torch.no_grad()
 def generate_answers(
     target: Target,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Answer a batch of tokenized prompts (left-padded); each answer ends at its first EOS, kept."""
-    from transformers import GenerationConfig
+    """Answer tokenized prompts (continuous batching over `batch_size` slots, default all);
+    each answer ends at its first EOS, kept. Prompt i samples from its own generator (seed + i)."""
+    jobs = [Job(p, _generator(seed + i) if temperature > 0 else None) for i, p in enumerate(prompts)]
+    generate_continuous(target, jobs, max_new_tokens, batch_size or len(prompts), temperature, top_p)
+    return [j.answer for j in jobs]
 
-    pad = target.tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
-    attention_mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device
-    )
-    sampling = temperature > 0
-    # A fresh GenerationConfig: the model's own may carry sampling defaults (top_k=50, ...)
-    # that would make the collected distribution differ from the target's.
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=0 if sampling else None,
-        eos_token_id=target.eos_token_ids,
-        pad_token_id=pad,
-    )
-    out = target.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
-    eos = set(target.eos_token_ids)
-    answers = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        answers.append(row[:end])
-    return answers
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def teacher_forced_hidden(
@@ -201,12 +185,14 @@ def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[
     return windows
 
 
-def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int) -> tuple[list, int, int]:
+def generate_conversations(
+    target: Target, cfg: CollectConfig, batch, seed: int, on_tokens=None
+) -> tuple[list, int, int]:
     """Conversations for a batch of prompts; returns (samples, generated tokens, skipped)."""
     tok, eos = target.tokenizer, target.eos_token_ids
     budget = cfg.max_length - cfg.max_new_tokens
-    convs, skipped = [], 0
-    for prompt in batch:
+    convs, positions, skipped = [], [], 0
+    for pos, prompt in enumerate(batch):
         conv = chat.start(tok, prompt, cfg.system_prompt)
         if len(conv.ids) > budget:
             log.warning(
@@ -217,19 +203,28 @@ def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int)
             skipped += 1
         else:
             convs.append(conv)
-    torch.manual_seed(seed)  # sampling depends only on (seed, batch position) -> resumable
+            positions.append(pos)
+    # Prompt i of the batch samples from its own generator: its answer depends on (seed + i) only,
+    # not on which prompts share the slots with it -> resumable and batch-size independent.
+    sampling = cfg.temperature > 0
     generated = 0
-    active = convs
-    while active:
-        answers = generate_answers(
-            target, [c.ids for c in active], cfg.max_new_tokens, cfg.temperature, cfg.top_p
-        )
-        for conv, answer in zip(active, answers, strict=True):
-            chat.add_answer(tok, conv, answer, eos)
-            generated += len(answer)
-        if not cfg.all_turns:
-            break
-        active = [c for c in active if chat.next_turn(tok, c, max_tokens=budget)]
+
+    def done(job: Job) -> Job | None:
+        nonlocal generated
+        conv = job.tag
+        chat.add_answer(tok, conv, job.answer, eos)
+        generated += len(job.answer)
+        if cfg.all_turns and chat.next_turn(tok, conv, max_tokens=budget):
+            return Job(conv.ids, job.generator, tag=conv)
+        return None
+
+    jobs = [
+        Job(c.ids, _generator(seed + pos) if sampling else None, tag=c)
+        for pos, c in zip(positions, convs, strict=True)
+    ]
+    generate_continuous(
+        target, jobs, cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.top_p, done, on_tokens
+    )
     samples = [(c.ids, c.mask, c.prompt.source) for c in convs]
     return samples, generated, skipped
 
@@ -302,8 +297,11 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         room = None if cfg.max_samples is None else cfg.max_samples - state["samples"]  # pending included
         if room is not None and room <= 0:
             break
-        # Each item yields at most one sample, so a batch no larger than `room` cannot overshoot.
-        take = cfg.batch_size if room is None else min(cfg.batch_size, room)
+        # A round of items is one unit of work and of commit; within it, finished answers are
+        # replaced by queued prompts, so only the round's tail waits for its longest answer.
+        # Each item yields at most one sample, so a round no larger than `room` cannot overshoot.
+        per_round = cfg.round_prompts or 4 * cfg.batch_size
+        take = per_round if room is None else min(per_round, room)
         batch = items[consumed : consumed + take]
         if cfg.mode == "generate":
             seqs, generated, skipped = generate_conversations(
