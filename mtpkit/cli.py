@@ -88,6 +88,12 @@ def _collect_parser(sub) -> None:
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="log and skip malformed records")
     p.add_argument("--shard-mb", dest="shard_mb", type=float)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--progress-every",
+        dest="progress_every_s",
+        type=float,
+        help="seconds between progress lines when stderr is not a terminal (default 30)",
+    )
     p.add_argument("--report", help="also write the summary as JSON to this file")
     p.set_defaults(func=_run_collect)
 

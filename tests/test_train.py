@@ -243,3 +243,14 @@ def test_online_generate_mode_holds_out_eval_prompts(tmp_path, tiny_llama):
     batch = source.next_batch()
     assert batch.input_ids.shape[0] == 4 and batch.loss_mask.any()
     assert source.state_dict() == {"epoch": 0, "index": 4}
+
+
+def test_train_logs_progress_lines_off_a_terminal(tmp_path, tiny_llama, monkeypatch, capsys):
+    import mtpkit.progress
+
+    monkeypatch.setattr(mtpkit.progress, "EVERY_S", 0.0)
+    store = periodic_store(tmp_path / "store", tiny_llama, n=8)
+    train(train_cfg(tmp_path, store, max_steps=4, progress=True), target=tiny_llama)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train: ")]
+    assert [x.split(" ")[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4", "4/4"]  # each step + close
+    assert "ETA 0:00:00" in lines[-1] and "step/s" in lines[-1]

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from mtpkit.config import FieldError, check_fields, checked
 from mtpkit.data import chat
@@ -30,6 +29,7 @@ from mtpkit.data.generation import Job, generate_continuous
 from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, no_prompts_error, resolve_source
 from mtpkit.data.store import STORE_DTYPES, Sample, Store
 from mtpkit.models import Target, load_target
+from mtpkit.progress import EVERY_S, Progress
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class CollectConfig:
     commit_every_s: float = checked(300.0, gt=0)  # also commit at least this often, to bound lost work
     forward_tokens: int = checked(16384, ge=1)  # token budget of one teacher-forced forward
     progress: bool = True
+    progress_every_s: float = checked(EVERY_S, gt=0)  # off a terminal: a progress line this often
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -284,9 +285,20 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
     t0 = last_commit = time.perf_counter()
     run = {"samples": 0, "tokens": 0, "generated_tokens": 0}
     unit = "prompt" if cfg.mode == "generate" else "window"
-    bar = tqdm(
-        total=len(items), initial=consumed, unit=unit, disable=not cfg.progress or None, dynamic_ncols=True
-    )
+    bar = Progress(len(items), consumed, unit, "collect", enabled=cfg.progress, every_s=cfg.progress_every_s)
+
+    round_tokens = 0
+
+    def on_tokens(n: int) -> None:  # inside a round: keep the rate and the log line alive
+        nonlocal round_tokens
+        round_tokens += n
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(
+            samples_s=f"{run['samples'] / elapsed:.2f}",
+            tok_s=f"{run['tokens'] / elapsed:.0f}",
+            gen_tok_s=f"{(run['generated_tokens'] + round_tokens) / elapsed:.1f}",
+        )
+        bar.tick()
 
     def commit() -> None:
         nonlocal pending, last_commit
@@ -305,7 +317,7 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         batch = items[consumed : consumed + take]
         if cfg.mode == "generate":
             seqs, generated, skipped = generate_conversations(
-                target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed
+                target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed, on_tokens=on_tokens
             )
         else:
             seqs, generated, skipped = [(ids, [True] * len(ids), src) for ids, src in batch], 0, 0
@@ -322,8 +334,13 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         run["tokens"] += n_tokens
         run["generated_tokens"] += generated
         elapsed = time.perf_counter() - t0
+        round_tokens = 0
+        bar.set_postfix(
+            samples_s=f"{run['samples'] / elapsed:.2f}",
+            tok_s=f"{run['tokens'] / elapsed:.0f}",
+            gen_tok_s=f"{run['generated_tokens'] / elapsed:.1f}",
+        )
         bar.update(len(batch))
-        bar.set_postfix(samples_s=f"{run['samples'] / elapsed:.2f}", tok_s=f"{run['tokens'] / elapsed:.0f}")
         pending_bytes = sum(len(s.input_ids) for s in pending) * bytes_per_token
         if pending_bytes >= shard_bytes or time.perf_counter() - last_commit >= cfg.commit_every_s:
             commit()
