@@ -125,3 +125,11 @@ def saved_tiny_llama(root: Path, **fields):
     from mtpkit.models import load_target
 
     return load_target(str(root / "target"))
+
+
+def collect_tiny(out, target, **fields):
+    """`collect` of the builtin prompts into `out` with tiny-model defaults (fields override)."""
+    from mtpkit.data.collect import CollectConfig, collect
+
+    base = dict(model="tiny-llama", prompts=["builtin"], out=str(out), max_new_tokens=8, progress=False)
+    return collect(CollectConfig(**{**base, **fields}), target)

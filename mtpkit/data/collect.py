@@ -27,7 +27,7 @@ from mtpkit.config import FieldError, check_fields, checked
 from mtpkit.data import chat
 from mtpkit.data.generation import Job, generate_continuous
 from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, no_prompts_error, resolve_source
-from mtpkit.data.store import STORE_DTYPES, Sample, Store
+from mtpkit.data.store import KINDS, STORE_DTYPES, Sample, Store
 from mtpkit.models import Target, load_target
 from mtpkit.progress import EVERY_S, Progress
 
@@ -54,6 +54,7 @@ class CollectConfig:
     round_prompts: int | None = checked(None, ge=1)  # items per commit unit; default 4 x batch_size
     layers: list[int] | None = checked(None, ge=0)  # HF hidden_states ids; default [num_layers] = final
     dtype: str = checked("bfloat16", choices=sorted(STORE_DTYPES))  # storage dtype of hidden states
+    store_kind: str = checked("hidden", choices=KINDS)  # tokens: ids + masks only, recomputed in training
     model_dtype: str = checked("float32", choices=("float32", "bfloat16", "float16"))
     max_prompts: int | None = checked(None, ge=1)  # None: every item of the stream
     max_samples: int | None = checked(None, ge=1)  # None: no limit
@@ -257,7 +258,7 @@ def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
     items = stream_items(target, cfg)
     key, job = job_key(cfg, layers)
 
-    store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype)
+    store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype, cfg.store_kind)
     try:
         return _run(cfg, target, store, items, key, job, layers, store_dtype)
     finally:
@@ -280,7 +281,9 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         )
 
     shard_bytes = cfg.shard_mb * 2**20
-    bytes_per_token = 4 + 1 + len(layers) * target.hidden_size * store_dtype.itemsize
+    bytes_per_token = (
+        4 + 1 + (len(layers) * target.hidden_size * store_dtype.itemsize if store.kind == "hidden" else 0)
+    )
     pending: list[Sample] = []
     t0 = last_commit = time.perf_counter()
     run = {"samples": 0, "tokens": 0, "generated_tokens": 0}
@@ -321,7 +324,12 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
             )
         else:
             seqs, generated, skipped = [(ids, [True] * len(ids), src) for ids, src in batch], 0, 0
-        hidden = teacher_forced_hidden(target, [s[0] for s in seqs], layers, store_dtype, cfg.forward_tokens)
+        if store.kind == "tokens":  # the trainer recomputes them: no forward here
+            hidden = [None] * len(seqs)
+        else:
+            hidden = teacher_forced_hidden(
+                target, [s[0] for s in seqs], layers, store_dtype, cfg.forward_tokens
+            )
         for (ids, mask, source), h in zip(seqs, hidden, strict=True):
             pending.append(Sample(torch.tensor(ids), torch.tensor(mask), h, source))
         n_tokens = sum(len(s[0]) for s in seqs)
@@ -371,6 +379,7 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         "bytes_per_token": round(disk / m["num_tokens"], 1) if m["num_tokens"] else 0.0,
         "layers": layers,
         "dtype": cfg.dtype,
+        "store_kind": store.kind,
     }
 
 
