@@ -26,7 +26,15 @@ import torch
 from mtpkit.config import FieldError, check_fields, checked
 from mtpkit.data import chat
 from mtpkit.data.generation import Job, generate_continuous
-from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, no_prompts_error, resolve_source
+from mtpkit.data.megatron import TokenDocument, fingerprint, load_megatron, megatron_prefix
+from mtpkit.data.prompts import (
+    FORMATS,
+    PromptFormatError,
+    load_documents,
+    load_prompts,
+    no_prompts_error,
+    resolve_source,
+)
 from mtpkit.data.store import KINDS, STORE_DTYPES, Sample, Store
 from mtpkit.models import Target, load_target
 from mtpkit.progress import EVERY_S, Progress
@@ -88,6 +96,10 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
     """Identify the stream of a run: same key = same items in the same order, same generation."""
     sources = []
     for p in cfg.prompts:
+        prefix = megatron_prefix(p) if cfg.mode == "corpus" else None
+        if prefix is not None:
+            sources.append({"path": str(prefix.resolve()), "megatron": fingerprint(prefix)})
+            continue
         path = resolve_source(p)
         sources.append(
             {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
@@ -175,7 +187,10 @@ def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[
     eos = target.tokenizer.eos_token_id
     windows = []
     for doc in docs:
-        ids = target.tokenizer(doc.text)["input_ids"] + ([eos] if eos is not None else [])
+        if isinstance(doc, TokenDocument):  # pre-tokenized (Megatron): its EOD is already in it
+            ids = doc.ids.tolist()
+        else:
+            ids = target.tokenizer(doc.text)["input_ids"] + ([eos] if eos is not None else [])
         start = 0
         while True:
             window = ids[start : start + size]
@@ -235,9 +250,18 @@ def stream_items(target: Target, cfg: CollectConfig) -> list:
     """The job's items in order: prompts (generate) or token windows (corpus), shuffled by seed
     if asked (documents before windowing), cut to `max_prompts`."""
     if cfg.mode == "generate":
+        for spec in cfg.prompts:
+            if megatron_prefix(spec) is not None:
+                raise PromptFormatError(f"{spec}: a Megatron indexed dataset is raw text; use --mode corpus")
         items = load_prompts(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
     else:
-        items = load_documents(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
+        items = []
+        for spec in cfg.prompts:  # in order; Megatron .bin/.idx datasets are token documents
+            prefix = megatron_prefix(spec)
+            if prefix is not None:
+                items += load_megatron(prefix, target.vocab_size)
+            else:
+                items += load_documents([spec], cfg.format, cfg.text_field, cfg.skip_bad)
     if not items:
         raise no_prompts_error(cfg.prompts, "prompts" if cfg.mode == "generate" else "documents")
     if cfg.shuffle:
