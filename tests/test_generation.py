@@ -121,3 +121,13 @@ def test_bfloat16_target_end_to_end(tmp_path):
     assert s.input_ids[start:].tolist() == want
     fresh = target.hidden_states(s.input_ids[None])[0]
     assert torch.equal(s.hidden_states, fresh.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-deepseek_v3"])
+def test_greedy_matches_batch1_on_other_families(family):
+    """The slot cache holds whatever key/value shapes a family's attention hands it (GQA, MLA)."""
+    target = load_target(family)
+    prompts = _prompts(target, 5)
+    jobs = [Job(p) for p in prompts]
+    generate_continuous(target, jobs, 10, 2)
+    assert [j.answer for j in jobs] == [_batch1_greedy(target, p, 10, target.eos_token_ids) for p in prompts]
