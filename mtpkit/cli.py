@@ -64,6 +64,13 @@ def _collect_parser(sub) -> None:
         help="comma-separated hidden-state ids (0 = embeddings, i = after layer i, L = final post-norm; default L)",
     )
     p.add_argument("--dtype", choices=["bfloat16", "float16"], help="storage dtype of hidden states")
+    p.add_argument(
+        "--store-kind",
+        dest="store_kind",
+        choices=["hidden", "tokens"],
+        help="hidden (default): store hidden states; tokens: ids + loss masks only (5 B/token), "
+        "hidden states recomputed by the target while training",
+    )
     p.add_argument("--model-dtype", dest="model_dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--max-prompts", dest="max_prompts", type=int, help="use the first N stream items (>= 1; default all)"
@@ -88,6 +95,12 @@ def _collect_parser(sub) -> None:
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", help="log and skip malformed records")
     p.add_argument("--shard-mb", dest="shard_mb", type=float)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--progress-every",
+        dest="progress_every_s",
+        type=float,
+        help="seconds between progress lines when stderr is not a terminal (default 30)",
+    )
     p.add_argument("--report", help="also write the summary as JSON to this file")
     p.set_defaults(func=_run_collect)
 

@@ -157,3 +157,11 @@ def collect_store(target, out, prompts: list[str], **fields):
 
     cfg = CollectConfig(model=target.name, prompts=prompts, out=str(out), progress=False, **fields)
     return collect(cfg, target)
+
+
+def collect_tiny(out, target, **fields):
+    """`collect` of the builtin prompts into `out` with tiny-model defaults (fields override)."""
+    from mtpkit.data.collect import CollectConfig, collect
+
+    base = dict(model="tiny-llama", prompts=["builtin"], out=str(out), max_new_tokens=8, progress=False)
+    return collect(CollectConfig(**{**base, **fields}), target)

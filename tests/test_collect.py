@@ -244,3 +244,25 @@ def test_float16_overflow_is_refused_but_padding_is_ignored(tmp_path, tiny_llama
     monkeypatch.setattr(tiny_llama, "hidden_states", lambda ids, mask, layers: real(ids, mask, layers) * 1e6)
     with pytest.raises(ValueError, match="exceed the float16 range"):
         teacher_forced_hidden(tiny_llama, seqs, [2], torch.float16, 1024)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Off a terminal tqdm stays silent; collect must still log its rate and ETA."""
+    args = ["collect", "--model", "tiny-llama", "--prompts", "builtin", "--out", str(tmp_path / "s")]
+    args += [
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-prompts",
+        "6",
+        "--progress-every",
+        "0.000001",
+    ]
+    assert main(args) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("collect: ")]
+    assert len(lines) >= 3  # lines during the round (every generation step), not only at its end
+    assert lines[-1].startswith("collect: 6/6 prompt (100%)") and "ETA 0:00:00" in lines[-1]
+    assert "gen_tok_s=" in lines[-1] and "prompt/s" in lines[-1]
+    assert main([*args[:-2], "--no-progress", "--out", str(tmp_path / "t")]) == 0
+    assert "collect: " not in capsys.readouterr().err

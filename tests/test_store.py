@@ -188,3 +188,35 @@ def test_sample_shape_mismatch_is_refused(tmp_path):
     bad.hidden_states = bad.hidden_states[:, :1]
     with _open(tmp_path) as st, pytest.raises(StoreError, match="do not match"):
         st.commit([bad], "job", {"consumed": 1})
+
+
+def test_tokens_store_keeps_ids_and_masks_and_training_recomputes_hidden(tmp_path, tiny_llama):
+    """A tokens store holds what a hidden store holds minus the hidden states (5 bytes per token);
+    StoreSource recomputes them with the target: the batches equal the hidden store's up to bf16."""
+    from helpers import collect_tiny
+
+    from mtpkit.train.data import DataError, StoreSource
+
+    def run(name, kind):
+        return collect_tiny(
+            tmp_path / name, tiny_llama, batch_size=3, max_prompts=9, layers=[1, 2], store_kind=kind
+        )
+
+    hidden, tokens = run("hidden", "hidden"), run("tokens", "tokens")
+    h, t = Store(tmp_path / "hidden"), Store(tmp_path / "tokens")
+    assert t.kind == "tokens" and h.kind == "hidden" and t.dtype is None
+    assert [s.input_ids.tolist() for s in h] == [s.input_ids.tolist() for s in t]
+    assert [s.loss_mask.tolist() for s in h] == [s.loss_mask.tolist() for s in t]
+    assert all(s.hidden_states is None for s in t)
+    assert tokens["bytes_per_token"] < 12 < hidden["bytes_per_token"]  # 5 B/token + headers, vs 5 + 2*2*H
+    with pytest.raises(DataError, match="needs the target"):
+        StoreSource(t, 256, 64, 0.2, 4, seed=0)
+    a = StoreSource(h, 256, 64, 0.2, 4, seed=0, feature_layers=[1])
+    b = StoreSource(t, 256, 64, 0.2, 4, seed=0, feature_layers=[1], target=tiny_llama)
+    for _ in range(3):
+        x, y = a.next_batch(), b.next_batch()
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.loss_mask, y.loss_mask)
+        torch.testing.assert_close(x.hidden, y.hidden, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(x.features, y.features, rtol=1e-2, atol=1e-2)
+    with pytest.raises(StoreError, match="kind 'tokens'"):
+        Store.open_for_append(tmp_path / "tokens", tiny_llama.identity(), [1, 2], "bfloat16", "hidden")

@@ -93,7 +93,7 @@ def test_borrowing_swaps_and_restores_the_target_modules(tiny_llama):
 # ---------------------------------------------------------------------------- import directions
 # The pipeline, bottom to top: a package may import its own and those below it, never above.
 LAYERS = [
-    {"errors", "io", "config", "models"},
+    {"errors", "io", "progress", "config", "models"},
     {"data"},
     {"heads"},
     {"distributed"},

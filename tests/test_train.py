@@ -243,3 +243,33 @@ def test_online_generate_mode_holds_out_eval_prompts(tmp_path, tiny_llama):
     batch = source.next_batch()
     assert batch.input_ids.shape[0] == 4 and batch.loss_mask.any()
     assert source.state_dict() == {"epoch": 0, "index": 4}
+
+
+def test_train_logs_progress_lines_off_a_terminal(tmp_path, tiny_llama, monkeypatch, capsys):
+    import mtpkit.progress
+
+    monkeypatch.setattr(mtpkit.progress, "EVERY_S", 0.0)
+    store = periodic_store(tmp_path / "store", tiny_llama, n=8)
+    train(train_cfg(tmp_path, store, max_steps=4, progress=True), target=tiny_llama)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train: ")]
+    assert [x.split(" ")[1] for x in lines] == ["1/4", "2/4", "3/4", "4/4", "4/4"]  # each step + close
+    assert "ETA 0:00:00" in lines[-1] and "step/s" in lines[-1]
+
+
+def test_training_from_a_tokens_store_matches_the_hidden_store(tmp_path, tiny_llama):
+    from helpers import collect_tiny
+
+    runs = {}
+    for kind in ("hidden", "tokens"):
+        collect_tiny(
+            tmp_path / kind, tiny_llama, max_new_tokens=10, batch_size=4, max_prompts=16, store_kind=kind
+        )
+        torch.manual_seed(0)
+        result = train(
+            train_cfg(tmp_path, tmp_path / kind, name=f"run-{kind}", max_steps=4), target=tiny_llama
+        )
+        runs[kind] = (train_losses(tmp_path / f"run-{kind}"), result["tokens_seen"])
+    (hidden, n_hidden), (tokens, n_tokens) = runs["hidden"], runs["tokens"]
+    assert n_hidden == n_tokens > 0 and len(hidden) == len(tokens) == 4
+    for (s1, l1), (s2, l2) in zip(hidden, tokens, strict=True):
+        assert s1 == s2 and abs(l1 - l2) < 0.02 * l1  # bf16-stored vs recomputed fp32 hidden states

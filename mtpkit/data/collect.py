@@ -22,13 +22,22 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from mtpkit.config import FieldError, check_fields, checked
 from mtpkit.data import chat
-from mtpkit.data.prompts import FORMATS, load_documents, load_prompts, no_prompts_error, resolve_source
-from mtpkit.data.store import STORE_DTYPES, Sample, Store
+from mtpkit.data.generation import Job, generate_continuous
+from mtpkit.data.megatron import TokenDocument, fingerprint, load_megatron, megatron_prefix
+from mtpkit.data.prompts import (
+    FORMATS,
+    PromptFormatError,
+    load_documents,
+    load_prompts,
+    no_prompts_error,
+    resolve_source,
+)
+from mtpkit.data.store import KINDS, STORE_DTYPES, Sample, Store
 from mtpkit.models import Target, load_target
+from mtpkit.progress import EVERY_S, Progress
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +58,11 @@ class CollectConfig:
     max_new_tokens: int = checked(256, ge=1)
     temperature: float = checked(0.0, ge=0, meaning="0 = greedy")
     top_p: float = checked(1.0, gt=0, le=1)
-    batch_size: int = checked(8, ge=1)
+    batch_size: int = checked(8, ge=1)  # generation slots (continuous batching)
+    round_prompts: int | None = checked(None, ge=1)  # items per commit unit; default 4 x batch_size
     layers: list[int] | None = checked(None, ge=0)  # HF hidden_states ids; default [num_layers] = final
     dtype: str = checked("bfloat16", choices=sorted(STORE_DTYPES))  # storage dtype of hidden states
+    store_kind: str = checked("hidden", choices=KINDS)  # tokens: ids + masks only, recomputed in training
     model_dtype: str = checked("float32", choices=("float32", "bfloat16", "float16"))
     max_prompts: int | None = checked(None, ge=1)  # None: every item of the stream
     max_samples: int | None = checked(None, ge=1)  # None: no limit
@@ -65,6 +76,7 @@ class CollectConfig:
     commit_every_s: float = checked(300.0, gt=0)  # also commit at least this often, to bound lost work
     forward_tokens: int = checked(16384, ge=1)  # token budget of one teacher-forced forward
     progress: bool = True
+    progress_every_s: float = checked(EVERY_S, gt=0)  # off a terminal: a progress line this often
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -84,6 +96,10 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
     """Identify the stream of a run: same key = same items in the same order, same generation."""
     sources = []
     for p in cfg.prompts:
+        prefix = megatron_prefix(p) if cfg.mode == "corpus" else None
+        if prefix is not None:
+            sources.append({"path": str(prefix.resolve()), "megatron": fingerprint(prefix)})
+            continue
         path = resolve_source(p)
         sources.append(
             {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
@@ -113,42 +129,24 @@ def job_key(cfg: CollectConfig, layers: list[int]) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------- model work
-@torch.no_grad()
 def generate_answers(
     target: Target,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
 ) -> list[list[int]]:
-    """Answer a batch of tokenized prompts (left-padded); each answer ends at its first EOS, kept."""
-    from transformers import GenerationConfig
+    """Answer tokenized prompts (continuous batching over `batch_size` slots, default all);
+    each answer ends at its first EOS, kept. Prompt i samples from its own generator (seed + i)."""
+    jobs = [Job(p, _generator(seed + i) if temperature > 0 else None) for i, p in enumerate(prompts)]
+    generate_continuous(target, jobs, max_new_tokens, batch_size or len(prompts), temperature, top_p)
+    return [j.answer for j in jobs]
 
-    pad = target.tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
-    attention_mask = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device
-    )
-    sampling = temperature > 0
-    # A fresh GenerationConfig: the model's own may carry sampling defaults (top_k=50, ...)
-    # that would make the collected distribution differ from the target's.
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=0 if sampling else None,
-        eos_token_id=target.eos_token_ids,
-        pad_token_id=pad,
-    )
-    out = target.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg)
-    eos = set(target.eos_token_ids)
-    answers = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        answers.append(row[:end])
-    return answers
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def teacher_forced_hidden(
@@ -189,7 +187,10 @@ def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[
     eos = target.tokenizer.eos_token_id
     windows = []
     for doc in docs:
-        ids = target.tokenizer(doc.text)["input_ids"] + ([eos] if eos is not None else [])
+        if isinstance(doc, TokenDocument):  # pre-tokenized (Megatron): its EOD is already in it
+            ids = doc.ids.tolist()
+        else:
+            ids = target.tokenizer(doc.text)["input_ids"] + ([eos] if eos is not None else [])
         start = 0
         while True:
             window = ids[start : start + size]
@@ -201,12 +202,14 @@ def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[
     return windows
 
 
-def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int) -> tuple[list, int, int]:
+def generate_conversations(
+    target: Target, cfg: CollectConfig, batch, seed: int, on_tokens=None
+) -> tuple[list, int, int]:
     """Conversations for a batch of prompts; returns (samples, generated tokens, skipped)."""
     tok, eos = target.tokenizer, target.eos_token_ids
     budget = cfg.max_length - cfg.max_new_tokens
-    convs, skipped = [], 0
-    for prompt in batch:
+    convs, positions, skipped = [], [], 0
+    for pos, prompt in enumerate(batch):
         conv = chat.start(tok, prompt, cfg.system_prompt)
         if len(conv.ids) > budget:
             log.warning(
@@ -217,19 +220,28 @@ def generate_conversations(target: Target, cfg: CollectConfig, batch, seed: int)
             skipped += 1
         else:
             convs.append(conv)
-    torch.manual_seed(seed)  # sampling depends only on (seed, batch position) -> resumable
+            positions.append(pos)
+    # Prompt i of the batch samples from its own generator: its answer depends on (seed + i) only,
+    # not on which prompts share the slots with it -> resumable and batch-size independent.
+    sampling = cfg.temperature > 0
     generated = 0
-    active = convs
-    while active:
-        answers = generate_answers(
-            target, [c.ids for c in active], cfg.max_new_tokens, cfg.temperature, cfg.top_p
-        )
-        for conv, answer in zip(active, answers, strict=True):
-            chat.add_answer(tok, conv, answer, eos)
-            generated += len(answer)
-        if not cfg.all_turns:
-            break
-        active = [c for c in active if chat.next_turn(tok, c, max_tokens=budget)]
+
+    def done(job: Job) -> Job | None:
+        nonlocal generated
+        conv = job.tag
+        chat.add_answer(tok, conv, job.answer, eos)
+        generated += len(job.answer)
+        if cfg.all_turns and chat.next_turn(tok, conv, max_tokens=budget):
+            return Job(conv.ids, job.generator, tag=conv)
+        return None
+
+    jobs = [
+        Job(c.ids, _generator(seed + pos) if sampling else None, tag=c)
+        for pos, c in zip(positions, convs, strict=True)
+    ]
+    generate_continuous(
+        target, jobs, cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.top_p, done, on_tokens
+    )
     samples = [(c.ids, c.mask, c.prompt.source) for c in convs]
     return samples, generated, skipped
 
@@ -238,9 +250,18 @@ def stream_items(target: Target, cfg: CollectConfig) -> list:
     """The job's items in order: prompts (generate) or token windows (corpus), shuffled by seed
     if asked (documents before windowing), cut to `max_prompts`."""
     if cfg.mode == "generate":
+        for spec in cfg.prompts:
+            if megatron_prefix(spec) is not None:
+                raise PromptFormatError(f"{spec}: a Megatron indexed dataset is raw text; use --mode corpus")
         items = load_prompts(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
     else:
-        items = load_documents(cfg.prompts, cfg.format, cfg.text_field, cfg.skip_bad)
+        items = []
+        for spec in cfg.prompts:  # in order; Megatron .bin/.idx datasets are token documents
+            prefix = megatron_prefix(spec)
+            if prefix is not None:
+                items += load_megatron(prefix, target.vocab_size)
+            else:
+                items += load_documents([spec], cfg.format, cfg.text_field, cfg.skip_bad)
     if not items:
         raise no_prompts_error(cfg.prompts, "prompts" if cfg.mode == "generate" else "documents")
     if cfg.shuffle:
@@ -261,7 +282,7 @@ def collect(cfg: CollectConfig, target: Target | None = None) -> dict:
     items = stream_items(target, cfg)
     key, job = job_key(cfg, layers)
 
-    store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype)
+    store = Store.open_for_append(cfg.out, target.identity(), layers, cfg.dtype, cfg.store_kind)
     try:
         return _run(cfg, target, store, items, key, job, layers, store_dtype)
     finally:
@@ -284,14 +305,27 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         )
 
     shard_bytes = cfg.shard_mb * 2**20
-    bytes_per_token = 4 + 1 + len(layers) * target.hidden_size * store_dtype.itemsize
+    bytes_per_token = (
+        4 + 1 + (len(layers) * target.hidden_size * store_dtype.itemsize if store.kind == "hidden" else 0)
+    )
     pending: list[Sample] = []
     t0 = last_commit = time.perf_counter()
     run = {"samples": 0, "tokens": 0, "generated_tokens": 0}
     unit = "prompt" if cfg.mode == "generate" else "window"
-    bar = tqdm(
-        total=len(items), initial=consumed, unit=unit, disable=not cfg.progress or None, dynamic_ncols=True
-    )
+    bar = Progress(len(items), consumed, unit, "collect", enabled=cfg.progress, every_s=cfg.progress_every_s)
+
+    round_tokens = 0
+
+    def on_tokens(n: int) -> None:  # inside a round: keep the rate and the log line alive
+        nonlocal round_tokens
+        round_tokens += n
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(
+            samples_s=f"{run['samples'] / elapsed:.2f}",
+            tok_s=f"{run['tokens'] / elapsed:.0f}",
+            gen_tok_s=f"{(run['generated_tokens'] + round_tokens) / elapsed:.1f}",
+        )
+        bar.tick()
 
     def commit() -> None:
         nonlocal pending, last_commit
@@ -302,16 +336,24 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         room = None if cfg.max_samples is None else cfg.max_samples - state["samples"]  # pending included
         if room is not None and room <= 0:
             break
-        # Each item yields at most one sample, so a batch no larger than `room` cannot overshoot.
-        take = cfg.batch_size if room is None else min(cfg.batch_size, room)
+        # A round of items is one unit of work and of commit; within it, finished answers are
+        # replaced by queued prompts, so only the round's tail waits for its longest answer.
+        # Each item yields at most one sample, so a round no larger than `room` cannot overshoot.
+        per_round = cfg.round_prompts or 4 * cfg.batch_size
+        take = per_round if room is None else min(per_round, room)
         batch = items[consumed : consumed + take]
         if cfg.mode == "generate":
             seqs, generated, skipped = generate_conversations(
-                target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed
+                target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed, on_tokens=on_tokens
             )
         else:
             seqs, generated, skipped = [(ids, [True] * len(ids), src) for ids, src in batch], 0, 0
-        hidden = teacher_forced_hidden(target, [s[0] for s in seqs], layers, store_dtype, cfg.forward_tokens)
+        if store.kind == "tokens":  # the trainer recomputes them: no forward here
+            hidden = [None] * len(seqs)
+        else:
+            hidden = teacher_forced_hidden(
+                target, [s[0] for s in seqs], layers, store_dtype, cfg.forward_tokens
+            )
         for (ids, mask, source), h in zip(seqs, hidden, strict=True):
             pending.append(Sample(torch.tensor(ids), torch.tensor(mask), h, source))
         n_tokens = sum(len(s[0]) for s in seqs)
@@ -324,8 +366,13 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         run["tokens"] += n_tokens
         run["generated_tokens"] += generated
         elapsed = time.perf_counter() - t0
+        round_tokens = 0
+        bar.set_postfix(
+            samples_s=f"{run['samples'] / elapsed:.2f}",
+            tok_s=f"{run['tokens'] / elapsed:.0f}",
+            gen_tok_s=f"{run['generated_tokens'] / elapsed:.1f}",
+        )
         bar.update(len(batch))
-        bar.set_postfix(samples_s=f"{run['samples'] / elapsed:.2f}", tok_s=f"{run['tokens'] / elapsed:.0f}")
         pending_bytes = sum(len(s.input_ids) for s in pending) * bytes_per_token
         if pending_bytes >= shard_bytes or time.perf_counter() - last_commit >= cfg.commit_every_s:
             commit()
@@ -356,6 +403,7 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         "bytes_per_token": round(disk / m["num_tokens"], 1) if m["num_tokens"] else 0.0,
         "layers": layers,
         "dtype": cfg.dtype,
+        "store_kind": store.kind,
     }
 
 

@@ -5,6 +5,10 @@
       shard-000000.safetensors   input_ids int32 [N], loss_mask uint8 [N],
       shard-000001.safetensors   hidden_states {fp16|bf16} [N, n_layers, H], offsets int64 [S+1]
 
+Two kinds (manifest `kind`): "hidden" stores the target's hidden states (1,157 bytes per token on
+SmolLM2-135M); "tokens" stores only ids and masks (5 bytes per token) and the trainer recomputes
+the hidden states with the target (one teacher-forced forward per batch).
+
 Crash safety: a shard is written to a temporary file, fsynced and renamed; only then is the
 manifest (also written to a temporary file and renamed) updated to list it. Whatever the
 moment of a kill -9, the manifest names only complete shards, and anything it does not name
@@ -40,6 +44,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STORE_DTYPES = {name: DTYPES[name] for name in ("bfloat16", "float16")}  # hidden states on disk
+KINDS = ("hidden", "tokens")  # hidden: ids, masks and hidden states; tokens: ids and masks only
 _IDENTITY_KEYS = ("config_hash", "tokenizer_hash", "weights_hash")
 
 
@@ -51,7 +56,7 @@ class StoreError(MtpkitError, RuntimeError):
 class Sample:
     input_ids: torch.Tensor  # int64 [T]
     loss_mask: torch.Tensor  # bool [T]
-    hidden_states: torch.Tensor  # [T, n_layers, H] in the store dtype
+    hidden_states: torch.Tensor | None  # [T, n_layers, H] in the store dtype; None in a tokens store
     source: str = ""
 
 
@@ -116,8 +121,12 @@ class Store:
         return list(self.manifest["layers"])
 
     @property
-    def dtype(self) -> torch.dtype:
-        return STORE_DTYPES[self.manifest["dtype"]]
+    def kind(self) -> str:
+        return self.manifest.get("kind", "hidden")  # stores written before kinds existed hold hidden states
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None if self.kind == "tokens" else STORE_DTYPES[self.manifest["dtype"]]
 
     @property
     def hidden_size(self) -> int:
@@ -176,7 +185,7 @@ class Store:
             sample = Sample(
                 input_ids=handle.get_slice("input_ids")[a:b].long(),
                 loss_mask=handle.get_slice("loss_mask")[a:b].bool(),
-                hidden_states=handle.get_slice("hidden_states")[a:b],
+                hidden_states=handle.get_slice("hidden_states")[a:b] if self.kind == "hidden" else None,
             )
         except Exception as exc:
             raise StoreError(
@@ -208,10 +217,23 @@ class Store:
 
     # ------------------------------------------------------------------ writing
     @classmethod
-    def open_for_append(cls, root: str | os.PathLike, identity: dict, layers: list[int], dtype: str) -> Store:
-        """Create the store or open it for appending, refusing a different model or layout."""
+    def open_for_append(
+        cls,
+        root: str | os.PathLike,
+        identity: dict,
+        layers: list[int],
+        dtype: str | None,
+        kind: str = "hidden",
+    ) -> Store:
+        """Create the store or open it for appending, refusing a different model or layout.
+
+        A tokens store has no dtype (pass None); its `layers` are those the trainer recomputes."""
         root = Path(root)
-        if dtype not in STORE_DTYPES:
+        if kind not in KINDS:
+            raise StoreError(f"store kind must be one of {list(KINDS)}, got {kind!r}")
+        if kind == "tokens":
+            dtype = None
+        elif dtype not in STORE_DTYPES:
             raise StoreError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
         if root.exists() and not root.is_dir():
             raise StoreError(f"{root}: exists and is not a directory")
@@ -236,6 +258,7 @@ class Store:
             manifest = {
                 "format": FORMAT,
                 "version": VERSION,
+                "kind": kind,
                 "model": identity,
                 "layers": list(layers),
                 "dtype": dtype,
@@ -251,14 +274,14 @@ class Store:
         store = cls(root)
         store._lock_fd = lock_fd
         try:
-            store._check_compatible(identity, layers, dtype)
+            store._check_compatible(identity, layers, dtype, kind)
         except StoreError:
             store.close()
             raise
         store._remove_debris()
         return store
 
-    def _check_compatible(self, identity: dict, layers: list[int], dtype: str) -> None:
+    def _check_compatible(self, identity: dict, layers: list[int], dtype: str | None, kind: str) -> None:
         have = self.manifest["model"]
         where = self.root / MANIFEST
         diffs = identity_differences(have, identity, _IDENTITY_KEYS, "store", "this run")
@@ -270,6 +293,10 @@ class Store:
         if self.layers != list(layers):
             raise StoreError(
                 f"{where}: refusing to append — store has layers {self.layers}, this run asks for {list(layers)}"
+            )
+        if self.kind != kind:
+            raise StoreError(
+                f"{where}: refusing to append — the store is of kind {self.kind!r}, this run asks for {kind!r}"
             )
         if self.manifest["dtype"] != dtype:
             raise StoreError(
@@ -336,12 +363,15 @@ class Store:
 
     def _encode(self, samples: list[Sample]) -> bytes:
         n_layers, hidden = len(self.layers), self.hidden_size
-        for s in samples:
-            if s.hidden_states.shape[1:] != (n_layers, hidden) or s.hidden_states.shape[0] != len(
-                s.input_ids
+        for s in samples if self.kind == "hidden" else ():
+            if (
+                s.hidden_states is None
+                or s.hidden_states.shape[1:] != (n_layers, hidden)
+                or s.hidden_states.shape[0] != len(s.input_ids)
             ):
                 raise StoreError(
-                    f"sample {s.source}: hidden states {tuple(s.hidden_states.shape)} do not match "
+                    f"sample {s.source}: hidden states "
+                    f"{None if s.hidden_states is None else tuple(s.hidden_states.shape)} do not match "
                     f"{len(s.input_ids)} tokens x {n_layers} layers x {hidden}"
                 )
         lengths = torch.tensor([len(s.input_ids) for s in samples], dtype=torch.int64)
@@ -349,9 +379,12 @@ class Store:
         tensors = {
             "input_ids": torch.cat([s.input_ids for s in samples]).to(torch.int32),
             "loss_mask": torch.cat([s.loss_mask for s in samples]).to(torch.uint8),
-            "hidden_states": torch.cat([s.hidden_states for s in samples]).to(self.dtype).contiguous(),
             "offsets": offsets,
         }
+        if self.kind == "hidden":
+            tensors["hidden_states"] = (
+                torch.cat([s.hidden_states for s in samples]).to(self.dtype).contiguous()
+            )
         metadata = {
             "format": FORMAT,
             "layers": json.dumps(self.layers),

@@ -62,6 +62,26 @@ def collate_samples(
     return Batch(ids, mask, hidden, features)
 
 
+def target_batch(
+    target: Target,
+    seqs: list[tuple[list[int], list[bool]]],
+    max_seq_len: int,
+    feature_layers: list[int] | None,
+) -> Batch:
+    """Run the target over (ids, mask) sequences (cut to max_seq_len first: causal, so the kept
+    prefix is unchanged) and collate: what online training and a tokens store train on."""
+    seqs = [(ids[:max_seq_len], mask[:max_seq_len]) for ids, mask in seqs]
+    final = target.num_layers
+    layers = [final] + [x for x in feature_layers or [] if x != final]
+    hidden = teacher_forced_hidden(target, [ids for ids, _ in seqs], layers, torch.float32, 1 << 30)
+    samples = [
+        Sample(torch.as_tensor(ids), torch.as_tensor(m, dtype=torch.bool), h)
+        for (ids, m), h in zip(seqs, hidden, strict=True)
+    ]
+    features = None if feature_layers is None else [layers.index(x) for x in feature_layers]
+    return collate_samples(samples, max_seq_len, 0, features)
+
+
 def token_counts(batches_or_samples, vocab_size: int) -> torch.Tensor:
     """Occurrences [V] of each token in loss-masked positions (what a draft vocabulary serves)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
@@ -99,7 +119,10 @@ def plan_batches(lengths: dict[int, int], seed: int, epoch: int, token_budget: i
 
 
 class StoreSource:
-    """Shuffled, length-grouped padded batches over a store's train split; held-out eval split."""
+    """Shuffled, length-grouped padded batches over a store's train split; held-out eval split.
+
+    A tokens store (ids and masks only) needs `target`: each batch's hidden states are recomputed
+    by one teacher-forced forward, the same one `collect` would have stored."""
 
     def __init__(
         self,
@@ -111,19 +134,24 @@ class StoreSource:
         seed: int,
         feature_layers: list[int] | None = None,
         shard: tuple[int, int] = (0, 1),
+        target: Target | None = None,
     ):
         if len(store) == 0:
             raise DataError(f"{store.root}: the store holds no samples; run `mtpkit collect` first")
         self.store, self.token_budget, self.max_seq_len, self.seed = store, token_budget, max_seq_len, seed
-        self.shard = shard
+        self.shard, self.target, self.feature_layers = shard, target, feature_layers
+        if store.kind == "tokens" and target is None:
+            raise DataError(f"{store.root}: a tokens store needs the target to recompute hidden states")
         self.layer = store.layers.index(store.manifest["model"]["num_layers"])
         missing = [x for x in feature_layers or [] if x not in store.layers]
-        if missing:
+        if missing and store.kind == "hidden":
             raise DataError(
                 f"{store.root}: the head reads layers {feature_layers} but the store holds {store.layers}; "
                 f"collect with --layers {' '.join(map(str, sorted(set(feature_layers) | set(store.layers))))}"
             )
-        self.features = None if feature_layers is None else [store.layers.index(x) for x in feature_layers]
+        self.features = None
+        if feature_layers is not None and store.kind == "hidden":
+            self.features = [store.layers.index(x) for x in feature_layers]
         self.lengths = [min(n, max_seq_len) for n in store.sample_lengths()]
         order = list(range(len(store)))
         random.Random(seed).shuffle(order)
@@ -143,7 +171,12 @@ class StoreSource:
 
     def _collate(self, ids: list[int]) -> Batch:
         mine, padding = rank_batch(ids, *self.shard)
-        batch = collate_samples([self.store[i] for i in mine], self.max_seq_len, self.layer, self.features)
+        samples = [self.store[i] for i in mine]
+        if self.store.kind == "tokens":
+            seqs = [(s.input_ids.tolist(), s.loss_mask.tolist()) for s in samples]
+            batch = target_batch(self.target, seqs, self.max_seq_len, self.feature_layers)
+        else:
+            batch = collate_samples(samples, self.max_seq_len, self.layer, self.features)
         return masked_out(batch, padding)
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
@@ -223,14 +256,10 @@ class OnlineSource:
             seqs = [(ids, [True] * len(ids), src) for ids, src in items]
         if not seqs:
             raise DataError("every prompt of an online batch exceeded max_seq_len - max_new_tokens")
-        final = self.target.num_layers
-        layers = [final] + [x for x in self.feature_layers or [] if x != final]
-        hidden = teacher_forced_hidden(self.target, [s[0] for s in seqs], layers, torch.float32, 1 << 30)
-        samples = [
-            Sample(torch.tensor(ids), torch.tensor(m), h) for (ids, m, _), h in zip(seqs, hidden, strict=True)
-        ]
-        features = None if self.feature_layers is None else [layers.index(x) for x in self.feature_layers]
-        return masked_out(collate_samples(samples, self.max_seq_len, 0, features), padding)
+        batch = target_batch(
+            self.target, [(ids, m) for ids, m, _ in seqs], self.max_seq_len, self.feature_layers
+        )
+        return masked_out(batch, padding)
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
         # Online answers exist only once generated: count the held-out ones (they only pick a vocabulary;

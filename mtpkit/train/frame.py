@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from mtpkit.errors import MtpkitError
+from mtpkit.progress import Progress
 from mtpkit.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -171,13 +171,7 @@ class Run:
         last_eval: dict = {}
         if eval_at_start and evaluate is not None and step == 0:
             self.logger.log(0, "eval", evaluate())
-        bar = tqdm(
-            total=cadence.max_steps,
-            initial=step,
-            unit="step",
-            disable=not progress or None,
-            dynamic_ncols=True,
-        )
+        bar = Progress(cadence.max_steps, step, "step", "train", enabled=progress)
         t_last, tokens_last = time.perf_counter(), tokens_at_start
         try:
             while step < cadence.max_steps:

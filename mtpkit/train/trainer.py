@@ -94,6 +94,7 @@ def _source(
         cfg.seed,
         feature_layers,
         shard,
+        target,
     )
 
 
