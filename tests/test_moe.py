@@ -33,6 +33,7 @@ from mtpkit.models.tiny import TINY_CONFIGS, build_tiny
 def tiny_v2(**changes):
     fields = dict(TINY_CONFIGS["deepseek_v3"], q_lora_rank=None, topk_method="group_limited_greedy")
     fields.pop("num_nextn_predict_layers")
+    fields.pop("scoring_func", None)  # V3's sigmoid router; V2 scores with softmax (its default)
     fields.update(changes, model_type="deepseek_v2")
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(0)
