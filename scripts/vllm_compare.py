@@ -130,6 +130,7 @@ def compare_vllm(src, exports: dict, args) -> dict:
             )
         if "metrics" in run and run["speculative_config"]:
             run["acceptance"] = vllm_acceptance(run["metrics"])
+    for run in report.get("runs", []):  # after every comparison with plain's outputs
         run.pop("outputs", None)
     if any(
         "metrics" in r for r in report.get("runs", []) if r["speculative_config"]
