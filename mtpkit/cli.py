@@ -57,7 +57,13 @@ def _collect_parser(sub) -> None:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     p.add_argument("--temperature", type=float, help="0 = greedy (default)")
     p.add_argument("--top-p", dest="top_p", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="generation slots (continuous batching)")
+    p.add_argument(
+        "--round-prompts",
+        dest="round_prompts",
+        type=int,
+        help="items per round, the unit of work and commit (default 4 x --batch-size)",
+    )
     p.add_argument(
         "--layers",
         type=lambda s: [int(x) for x in s.split(",")],

@@ -266,3 +266,10 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
     assert "gen_tok_s=" in lines[-1] and "prompt/s" in lines[-1]
     assert main([*args[:-2], "--no-progress", "--out", str(tmp_path / "t")]) == 0
     assert "collect: " not in capsys.readouterr().err
+
+
+def test_round_prompts_sets_the_commit_unit(tmp_path):
+    args = ["collect", "--model", "tiny-llama", "--prompts", "builtin", "--out", str(tmp_path / "s")]
+    args += ["--max-new-tokens", "3", "--batch-size", "2", "--max-prompts", "7", "--shard-mb", "0.000001"]
+    assert main([*args, "--round-prompts", "3", "--no-progress"]) == 0
+    assert [s["num_samples"] for s in Store(tmp_path / "s").manifest["shards"]] == [3, 3, 1]
