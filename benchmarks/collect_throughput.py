@@ -6,7 +6,7 @@ Run from the repository root:
 
 Three measurements, all on the same prompts (taken round-robin from the `--prompts` files):
 
-1. Generation: generated tokens/s of `collect.generate` (greedy) at each `--batch-sizes` value.
+1. Generation: generated tokens/s of `collect.generate_answers` (greedy) at each `--batch-sizes` value.
 2. Teacher-forced hidden states: tokens/s of `collect.teacher_forced_hidden` (what collect runs,
    cast and copy to CPU included) against a plain `target.model(...)` forward over identically
    right-padded batches of the prompt + answer sequences from step 1. Methods are interleaved
@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from mtpkit.data import chat
-from mtpkit.data.collect import CollectConfig, collect, generate, teacher_forced_hidden
+from mtpkit.data.collect import CollectConfig, collect, generate_answers, teacher_forced_hidden
 from mtpkit.data.prompts import Prompt, load_prompts
 from mtpkit.models import EMBEDDED_ALIAS, Target, load_target
 
@@ -154,14 +154,14 @@ def bench_generation(
     target: Target, prompt_ids: list[list[int]], batch_sizes: list[int], max_new_tokens: int, rounds: int
 ) -> tuple[list[dict], list[list[int]]]:
     """Median generated tokens/s per batch size; also returns the batch-1 answers."""
-    generate(target, prompt_ids[:1], 4)  # warm-up: first-call allocations and lazy init
+    generate_answers(target, prompt_ids[:1], 4)  # warm-up: first-call allocations and lazy init
     answers: dict[int, list[list[int]]] = {}
     seconds: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
     for r in range(rounds):
         order = batch_sizes if r % 2 == 0 else batch_sizes[::-1]
         for bs in order:
             start = time.perf_counter()
-            out = [a for batch in chunks(prompt_ids, bs) for a in generate(target, batch, max_new_tokens)]
+            out = [a for batch in chunks(prompt_ids, bs) for a in generate_answers(target, batch, max_new_tokens)]
             seconds[bs].append(time.perf_counter() - start)
             answers.setdefault(bs, out)
     reference = answers[1] if 1 in answers else answers[batch_sizes[0]]
@@ -311,7 +311,7 @@ def main() -> None:
         target, prompt_ids, args.batch_sizes, args.max_new_tokens, args.rounds
     )
     best = max(gen_rows, key=lambda r: r["tokens_per_s"])
-    print("1. generation (greedy, collect.generate)")
+    print("1. generation (greedy, collect.generate_answers)")
     print(
         table(
             ["batch", "gen tokens", "seconds", "tokens/s", "vs bs1", "same answers"],
