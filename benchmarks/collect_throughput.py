@@ -161,7 +161,9 @@ def bench_generation(
         order = batch_sizes if r % 2 == 0 else batch_sizes[::-1]
         for bs in order:
             start = time.perf_counter()
-            out = [a for batch in chunks(prompt_ids, bs) for a in generate_answers(target, batch, max_new_tokens)]
+            out = [
+                a for batch in chunks(prompt_ids, bs) for a in generate_answers(target, batch, max_new_tokens)
+            ]
             seconds[bs].append(time.perf_counter() - start)
             answers.setdefault(bs, out)
     reference = answers[1] if 1 in answers else answers[batch_sizes[0]]
