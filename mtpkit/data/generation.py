@@ -24,6 +24,8 @@ import torch
 
 from mtpkit.models import Target
 
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward
+
 
 class SlotCache:
     """A transformers-compatible KV cache with one preallocated row per slot.
@@ -164,14 +166,7 @@ def generate_continuous(
 
     eos_set = set(eos.tolist())
 
-    def refill() -> None:
-        free = [r for r in range(slots) if active[r] is None]
-        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-        if not take:
-            return
-        rows = free[: len(take)]
-        need = max(len(j.prompt) for j in take) + max_new_tokens
-        cache.grow(need)
+    def prefill(rows: list[int], take: list[Job]) -> None:
         P = max(len(j.prompt) for j in take)
         ids = torch.zeros(len(take), P, dtype=torch.long, device=device)
         plen = torch.tensor([len(j.prompt) for j in take], device=device)
@@ -193,6 +188,25 @@ def generate_continuous(
             active[r] = j
         lengths[rows] = plen
         accept(rows, choose(lm_head(h), rows))
+
+    def refill() -> None:
+        free = [r for r in range(slots) if active[r] is None]
+        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        if not take:
+            return
+        cache.grow(max(len(j.prompt) for j in take) + max_new_tokens)
+        # Prefill in length-sorted chunks of at most PREFILL_TOKENS padded tokens: one padded
+        # forward over 64 prompts pads every row to the longest (a 2k-token Arena-Hard prompt
+        # made a 64-row prefill take minutes) and its [B, P, P] mask grows quadratically.
+        take.sort(key=lambda j: len(j.prompt))
+        rows = free[: len(take)]
+        start = 0
+        while start < len(take):
+            end = start + 1
+            while end < len(take) and (end + 1 - start) * len(take[end].prompt) <= PREFILL_TOKENS:
+                end += 1
+            prefill(rows[start:end], take[start:end])
+            start = end
 
     while queue or any(a is not None for a in active):
         n_free = sum(a is None for a in active)
