@@ -1,4 +1,4 @@
-"""Atomic directory writes: an output directory appears complete or not at all.
+"""Atomic writes: an output directory or file appears complete or not at all.
 
 The new content is written into a directory made by `tempfile.mkdtemp` beside the output (a name
 no user owns, unique per call), then renamed into place. Nothing is ever removed that the call did
@@ -116,3 +116,21 @@ def _commit(tmp: Path, out: Path, replace: bool, message: str) -> None:
 
 
 __all__ = ["OutputExistsError", "atomic_dir"]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `path` so that it holds either its old content or all of the new (a temporary file
+    of a unique name beside it, fsynced, then renamed over it)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -37,7 +37,9 @@ def _same_stores(a: Store, b: Store):
         x, y = a[i], b[i]
         assert torch.equal(x.input_ids, y.input_ids), i
         assert torch.equal(x.loss_mask, y.loss_mask), i
-        assert torch.equal(x.hidden_states, y.hidden_states), i
+        # Generated samples keep the hidden states of the forwards that generated them, whose
+        # float reduction order depends on which prompts shared the batch: equal to bf16 rounding.
+        torch.testing.assert_close(x.hidden_states, y.hidden_states, rtol=1e-2, atol=1e-2, msg=str(i))
         assert x.source == y.source
 
 
@@ -58,11 +60,13 @@ def test_generation_samples_match_a_fresh_forward(tmp_path, tiny_llama):
         assert 0 < n_answer <= 12 * len(prompt.turns)
         first = s.loss_mask.int().argmax()
         assert tok.decode(s.input_ids[:first]).endswith("<|im_start|>assistant\n")
+        # Kept from the generating forwards: every row but the last (never fed back: zeros).
         fresh = tiny_llama.hidden_states(s.input_ids[None], layers=[0, 2])[0]
         assert s.hidden_states.dtype == torch.bfloat16
         torch.testing.assert_close(
-            s.hidden_states.float(), fresh.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2
+            s.hidden_states[:-1].float(), fresh[:-1].to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2
         )
+        assert not s.hidden_states[-1].any()
     # Greedy answers are the model's own: the first answer equals an independent greedy decode.
     s = st[0]
     start = int(s.loss_mask.int().argmax())

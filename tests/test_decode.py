@@ -298,7 +298,7 @@ def test_bfloat16_target_speculation_is_lossless_against_bfloat16_plain_decoding
 
 
 def test_feature_layers_come_from_hooks_exactly_as_output_hidden_states(tiny_llama):
-    from mtpkit.decode.engine import capture_layers
+    from mtpkit.models import capture_layers
 
     ids = torch.tensor([[5, 9, 14, 20, 27]])
     layers = [0, 1, tiny_llama.num_layers - 1]

@@ -119,8 +119,11 @@ def test_bfloat16_target_end_to_end(tmp_path):
     start = int(s.loss_mask.int().argmax())
     want = _batch1_greedy(target, s.input_ids[:start].tolist(), 6, target.eos_token_ids)
     assert s.input_ids[start:].tolist() == want
+    # The generating forwards' states (a bf16 target's reduction order differs between a 1-row
+    # decode step and a full teacher-forced forward): within bf16 precision, the last row zeros.
     fresh = target.hidden_states(s.input_ids[None])[0]
-    assert torch.equal(s.hidden_states, fresh.to(torch.bfloat16))
+    torch.testing.assert_close(s.hidden_states[:-1].float(), fresh[:-1].float(), rtol=2e-2, atol=2e-2)
+    assert not s.hidden_states[-1].any()
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-deepseek_v3"])

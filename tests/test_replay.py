@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import collect_store, shared_prompts, train_tiny_head
 
+import mtpkit.decode.replay as replay_mod
 from mtpkit.data import chat
 from mtpkit.data.prompts import load_prompts
 from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
@@ -116,6 +117,44 @@ def test_batched_generation_keeps_features_and_the_continuation(targets):
     # A margin no run can clear: every prompt is regenerated at batch 1 (and reported as such).
     alone = dict(greedy_generate(target, prompts, 24, extra=3, batch_size=6, tie_margin=float("inf")))
     assert all(s.batch1 and not s.changed for s in alone.values())
+
+
+@pytest.mark.parametrize("name", ["eagle3", "mtp3"])
+def test_a_sequence_file_replays_any_head_without_generating(trained, targets, tmp_path, monkeypatch, name):
+    target_name = HEADS[name][0]
+    target, head = targets[target_name], trained[name]
+    prompts = _prompts(target, 3)
+    path = tmp_path / "greedy.json"
+    first = replay(target, head, prompts, [1, 3], MAX_NEW, batch_size=3, sequence_file=path)
+    assert path.exists()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the sequence file holds every prompt: nothing to generate")
+
+    monkeypatch.setattr(replay_mod, "greedy_generate", no_generation)
+    again = replay(target, head, prompts[::-1], [1, 3], MAX_NEW, sequence_file=path)  # any order, a subset
+    for k in (1, 3):
+        assert again.steps[k] == first.steps[k][::-1]
+    assert [s.tokens for s in again.sequences] == [s.tokens for s in first.sequences][::-1]
+    monkeypatch.undo()
+    # K = 5 needs 4 tokens past each end, the file has 2: regenerated, and the file widened.
+    wider = replay(target, head, prompts, [5], MAX_NEW, sequence_file=path)
+    assert wider.steps[5] == replay(target, head, prompts, [5], MAX_NEW).steps[5]
+    other = "tiny-llama" if target_name != "tiny-llama" else "tiny-deepseek_v3"
+    with pytest.raises(DecodeError, match="sequences of another target"):
+        replay(
+            targets[other],
+            trained["eagle3" if other == "tiny-llama" else "mtp3"],
+            prompts,
+            [1],
+            MAX_NEW,
+            sequence_file=path,
+        )
+    with pytest.raises(DecodeError, match="sequences of another max_new_tokens"):
+        replay(target, head, prompts, [1], MAX_NEW + 1, sequence_file=path)
+    path.write_text("{not json")
+    with pytest.raises(DecodeError, match="greedy.json: not a readable greedy-sequence file"):
+        replay(target, head, prompts, [1], MAX_NEW, sequence_file=path)
 
 
 def test_replay_refuses_what_the_engine_refuses(trained, targets):

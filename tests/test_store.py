@@ -112,19 +112,19 @@ def test_crash_debris_is_removed_and_ignored(tmp_path):
 def test_failed_manifest_update_keeps_the_committed_state(tmp_path, monkeypatch):
     st = _open(tmp_path)
     st.commit(_samples(2), "job", {"consumed": 2})
-    real = store_mod._atomic_write
+    real = store_mod.atomic_write
 
     def crash_on_manifest(path, data):
         if path.name == MANIFEST:
             raise OSError(errno.EIO, "I/O error")
         real(path, data)
 
-    monkeypatch.setattr(store_mod, "_atomic_write", crash_on_manifest)
+    monkeypatch.setattr(store_mod, "atomic_write", crash_on_manifest)
     with pytest.raises(StoreError, match="still holds its 2 committed samples"):
         st.commit(_samples(3, 1), "job", {"consumed": 5})
     assert len(st) == 2 and st.job("job")["consumed"] == 2  # in memory too
     st.close()
-    monkeypatch.setattr(store_mod, "_atomic_write", real)
+    monkeypatch.setattr(store_mod, "atomic_write", real)
     with _open(tmp_path) as st:
         assert len(st) == 2 and not (tmp_path / "shard-000001.safetensors").exists()
 
@@ -136,7 +136,7 @@ def test_disk_full_is_reported_and_harmless(tmp_path, monkeypatch):
         real_open = open
 
         def full_disk(path, mode="r", *args, **kwargs):
-            if "w" in mode and str(path).endswith(".safetensors.tmp"):
+            if "w" in mode and ".safetensors." in str(path) and str(path).endswith(".tmp"):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_open(path, mode, *args, **kwargs)
 

@@ -203,9 +203,19 @@ def corpus_windows(target: Target, cfg: CollectConfig, docs) -> list[tuple[list[
 
 
 def generate_conversations(
-    target: Target, cfg: CollectConfig, batch, seed: int, on_tokens=None
+    target: Target,
+    cfg: CollectConfig,
+    batch,
+    seed: int,
+    on_tokens=None,
+    layers: list[int] | None = None,
+    feature_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[list, int, int]:
-    """Conversations for a batch of prompts; returns (samples, generated tokens, skipped)."""
+    """Conversations for a batch of prompts; returns (samples, generated tokens, skipped).
+
+    With `layers` each sample is (ids, mask, source, hidden): the hidden states the generating
+    forwards computed ([T, n_layers, H]; the last token, never fed back, gets a zero row: no
+    head reads past the end), or None where the conversation's ids are not what was run."""
     tok, eos = target.tokenizer, target.eos_token_ids
     budget = cfg.max_length - cfg.max_new_tokens
     convs, positions, skipped = [], [], 0
@@ -225,12 +235,14 @@ def generate_conversations(
     # not on which prompts share the slots with it -> resumable and batch-size independent.
     sampling = cfg.temperature > 0
     generated = 0
+    features: dict[int, list[torch.Tensor]] = {}
 
     def done(job: Job) -> Job | None:
         nonlocal generated
         conv = job.tag
         chat.add_answer(tok, conv, job.answer, eos)
         generated += len(job.answer)
+        features[id(conv)] = job.features
         if cfg.all_turns and chat.next_turn(tok, conv, max_tokens=budget):
             return Job(conv.ids, job.generator, tag=conv)
         return None
@@ -240,9 +252,26 @@ def generate_conversations(
         for pos, c in zip(positions, convs, strict=True)
     ]
     generate_continuous(
-        target, jobs, cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.top_p, done, on_tokens
+        target,
+        jobs,
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        cfg.temperature,
+        cfg.top_p,
+        done,
+        on_tokens,
+        layers,
+        feature_dtype,
     )
-    samples = [(c.ids, c.mask, c.prompt.source) for c in convs]
+    if layers is None:
+        return [(c.ids, c.mask, c.prompt.source) for c in convs], generated, skipped
+    samples = []
+    for c in convs:
+        rows = torch.cat(features.pop(id(c)))
+        hidden = None
+        if len(rows) == len(c.ids) - 1:
+            hidden = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+        samples.append((c.ids, c.mask, c.prompt.source, hidden))
     return samples, generated, skipped
 
 
@@ -342,14 +371,32 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         per_round = cfg.round_prompts or 4 * cfg.batch_size
         take = per_round if room is None else min(per_round, room)
         batch = items[consumed : consumed + take]
+        captured = cfg.mode == "generate" and store.kind == "hidden" and store_dtype == torch.bfloat16
         if cfg.mode == "generate":
             seqs, generated, skipped = generate_conversations(
-                target, cfg, batch, seed=cfg.seed * 1_000_003 + consumed, on_tokens=on_tokens
+                target,
+                cfg,
+                batch,
+                seed=cfg.seed * 1_000_003 + consumed,
+                on_tokens=on_tokens,
+                layers=layers if captured else None,
             )
         else:
             seqs, generated, skipped = [(ids, [True] * len(ids), src) for ids, src in batch], 0, 0
         if store.kind == "tokens":  # the trainer recomputes them: no forward here
             hidden = [None] * len(seqs)
+        elif captured:  # kept while generating; a teacher-forced pass only where that failed
+            hidden = [s[3] for s in seqs]
+            redo = [i for i, h in enumerate(hidden) if h is None]
+            for i, h in zip(
+                redo,
+                teacher_forced_hidden(
+                    target, [seqs[i][0] for i in redo], layers, store_dtype, cfg.forward_tokens
+                ),
+                strict=True,
+            ):
+                hidden[i] = h
+            seqs = [s[:3] for s in seqs]
         else:
             hidden = teacher_forced_hidden(
                 target, [s[0] for s in seqs], layers, store_dtype, cfg.forward_tokens

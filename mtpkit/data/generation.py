@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtpkit.models import Target
+from mtpkit.models import Target, capture_layers, stack_layers
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward
 
@@ -99,6 +99,9 @@ class Job:
     generator: torch.Generator | None = None
     answer: list[int] = field(default_factory=list)
     tag: object = None
+    # With `generate_continuous(layers=...)`: the target's hidden states of every row it ran,
+    # prompt and answer but the last token (never fed back) — [P + G − 1, n_layers, H] chunks.
+    features: list[torch.Tensor] = field(default_factory=list)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
@@ -123,11 +126,15 @@ def generate_continuous(
     top_p: float = 1.0,
     on_done: Callable[[Job], Job | None] | None = None,
     on_tokens: Callable[[int], None] | None = None,
+    layers: list[int] | None = None,
+    feature_dtype: torch.dtype = torch.bfloat16,
 ) -> list[Job]:
     """Answer every job (each answer ends at its first EOS, kept, or after max_new_tokens).
 
     `on_done(job)` may return a follow-up job (the next turn of a conversation), queued at the
-    back. `on_tokens(n)` is told how many tokens each step produced (progress).
+    back. `on_tokens(n)` is told how many tokens each step produced (progress). With `layers`,
+    each job keeps the hidden states of those layers from the forwards that generate it
+    (`Job.features`), so no teacher-forced pass over the answers is needed afterwards.
     """
     if not jobs:
         return []
@@ -166,6 +173,14 @@ def generate_continuous(
 
     eos_set = set(eos.tolist())
 
+    def forward(**inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backbone's last hidden state and, with `layers`, the stacked feature layers."""
+        if layers is None:
+            return backbone(**inputs, cache=cache, use_cache=True).last_hidden_state, None
+        with capture_layers(target, layers) as captured:
+            hidden = backbone(**inputs, cache=cache, use_cache=True).last_hidden_state
+        return hidden, stack_layers(target, captured, hidden, layers).to(feature_dtype)
+
     def prefill(rows: list[int], take: list[Job]) -> None:
         P = max(len(j.prompt) for j in take)
         ids = torch.zeros(len(take), P, dtype=torch.long, device=device)
@@ -176,16 +191,14 @@ def generate_continuous(
         # causal, and no key past the row's own prompt (right padding)
         mask = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < plen[:, None, None])
         cache.prefill(torch.tensor(rows, device=device))
-        out = backbone(
-            input_ids=ids,
-            attention_mask=mask[:, None],
-            position_ids=pos[None].expand(len(take), P),
-            cache=cache,
-            use_cache=True,
+        hidden, feats = forward(
+            input_ids=ids, attention_mask=mask[:, None], position_ids=pos[None].expand(len(take), P)
         )
-        h = out.last_hidden_state[torch.arange(len(take)), plen - 1]
-        for r, j in zip(rows, take, strict=True):
+        h = hidden[torch.arange(len(take)), plen - 1]
+        for i, (r, j) in enumerate(zip(rows, take, strict=True)):
             active[r] = j
+            if feats is not None:
+                j.features = [feats[i, : len(j.prompt)].cpu()]  # a follow-up turn starts over
         lengths[rows] = plen
         accept(rows, choose(lm_head(h), rows))
 
@@ -219,13 +232,13 @@ def generate_continuous(
         cache.decode(rows_t, cols)
         span = torch.arange(cache._span, device=device)
         mask = (span[None, :] <= cols[:, None])[:, None, None, :]
-        out = backbone(
-            input_ids=last[rows_t][:, None],
-            attention_mask=mask,
-            position_ids=cols[:, None],
-            cache=cache,
-            use_cache=True,
+        hidden, feats = forward(
+            input_ids=last[rows_t][:, None], attention_mask=mask, position_ids=cols[:, None]
         )
+        if feats is not None:
+            feats = feats.cpu()
+            for b, r in enumerate(rows):
+                active[r].features.append(feats[b])
         lengths[rows_t] += 1
-        accept(rows, choose(lm_head(out.last_hidden_state[:, 0]), rows))
+        accept(rows, choose(lm_head(hidden[:, 0]), rows))
     return finished

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from mtpkit.errors import MtpkitError
+from mtpkit.io import atomic_write
 from mtpkit.models.loader import DTYPES, identity_differences
 
 FORMAT = "mtpkit-store"
@@ -66,21 +67,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to `path` so that it holds either the old content or all of the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _shard_name(index: int) -> str:
@@ -269,7 +255,7 @@ class Store:
                 "jobs": {},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            _atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
+            atomic_write(root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
         store = cls(root)
         store._lock_fd = lock_fd
@@ -327,7 +313,7 @@ class Store:
             name = _shard_name(index)
             data = self._encode(samples)
             try:
-                _atomic_write(self.root / name, data)
+                atomic_write(self.root / name, data)
             except OSError as exc:
                 why = "disk full" if exc.errno == errno.ENOSPC else f"{type(exc).__name__}: {exc}"
                 raise StoreError(
@@ -352,7 +338,7 @@ class Store:
         manifest["jobs"][job_key] = job_state
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
-            _atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
+            atomic_write(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
         except OSError as exc:
             raise StoreError(
                 f"{self.root / MANIFEST}: could not update the manifest ({exc}); the store still holds its "

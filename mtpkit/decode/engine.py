@@ -14,9 +14,7 @@ Each head family keeps its own drafting state and caches (its `Drafter`, made by
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +24,7 @@ from transformers import DynamicCache, StaticCache
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHead
 from mtpkit.heads.common import truncate
-from mtpkit.models import Target
+from mtpkit.models import Target, capture_layers
 
 
 class DecodeError(MtpkitError, ValueError):
@@ -34,31 +32,6 @@ class DecodeError(MtpkitError, ValueError):
 
 
 CACHES = ("static", "dynamic")
-
-
-def _keep(captured: dict[int, torch.Tensor], i: int):
-    def hook(_module, _args, out):
-        captured[i] = out[0] if isinstance(out, tuple) else out
-
-    return hook
-
-
-@contextlib.contextmanager
-def capture_layers(target: Target, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Hidden states of HF `hidden_states` ids `layers` (0 = embeddings, i = output of decoder
-    layer i; L, the final post-norm state, is the forward's own output) caught by forward hooks
-    during one forward, instead of `output_hidden_states` keeping every layer's."""
-    captured: dict[int, torch.Tensor] = {}
-    modules = {
-        0: target.embed_tokens,
-        **{i: target.backbone.layers[i - 1] for i in range(1, target.num_layers)},
-    }
-    handles = [modules[i].register_forward_hook(_keep(captured, i)) for i in layers if i != target.num_layers]
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass

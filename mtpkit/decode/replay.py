@@ -20,13 +20,20 @@ batch-1 one where the top two logits nearly tie. Every prompt whose batched run 
 top-2 logit margin below `tie_margin` at any generated position is regenerated at batch 1
 (the engine's shapes), and both counts are reported: a τ is only ever computed for a
 sequence that batch-1 greedy decoding produces (up to that margin).
+
+The greedy sequences depend on the target alone, not on the head, so `replay(sequence_file=FILE)`
+keeps them in a file (`GreedySequences`) and later replays of any head over the same prompts
+skip generation: each cached sequence costs one teacher-forced target forward for the features
+the head reads, a fraction of generating it token by token.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +42,8 @@ from transformers import DynamicCache
 from mtpkit.decode.engine import DecodeError
 from mtpkit.decode.metrics import AcceptanceStats, merged
 from mtpkit.heads import DraftHead, TargetModules
-from mtpkit.models import Target
+from mtpkit.io import atomic_write
+from mtpkit.models import Target, capture_layers
 from mtpkit.train.metrics import leading_runs, walk
 
 # Largest |batched − batch-1| logit difference we accept without a batch-1 rerun, per target
@@ -190,6 +198,88 @@ def greedy_generate(
             yield i, seq
 
 
+# ---------------------------------------------------------------------------- the sequence file
+SEQUENCES_FORMAT = "mtpkit-greedy-sequences"
+
+
+class GreedySequences:
+    """A file of greedy outputs of one target (its identity and dtype recorded), keyed by prompt
+    ids, each with `extra` tokens of continuation past its end: any subset of prompts, any head and
+    any K ≤ extra + 1 can be replayed from it. A file for another target, dtype or token budget is
+    refused, never mixed."""
+
+    def __init__(self, path: str | Path, target: Target, max_new_tokens: int):
+        self.path = Path(path)
+        self.key = {
+            "target": target.identity(),
+            "dtype": str(target.lm_head.weight.dtype).removeprefix("torch."),
+            "max_new_tokens": max_new_tokens,
+        }
+        self.entries: dict[tuple[int, ...], dict] = {}
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DecodeError(f"{self.path}: not a readable greedy-sequence file ({exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != SEQUENCES_FORMAT:
+            raise DecodeError(f"{self.path}: not a greedy-sequence file (format {SEQUENCES_FORMAT!r})")
+        for name, want in self.key.items():
+            if data.get(name) != want:
+                raise DecodeError(
+                    f"{self.path}: sequences of another {name} ({data.get(name)!r}, here {want!r}); "
+                    "use another file"
+                )
+        for e in data["sequences"]:
+            self.entries[tuple(e["prompt"])] = e
+
+    def get(self, prompt: list[int], extra: int) -> Sequence | None:
+        e = self.entries.get(tuple(prompt))
+        if e is None or len(e["extended"]) - len(e["tokens"]) < extra:
+            return None
+        return Sequence(
+            list(prompt),
+            e["tokens"],
+            e["extended"],
+            torch.empty(0),
+            e["min_margin"],
+            e["batch1"],
+            e["changed"],
+        )
+
+    def put(self, seq: Sequence) -> None:
+        self.entries[tuple(seq.prompt)] = {
+            "prompt": seq.prompt,
+            "tokens": seq.tokens,
+            "extended": seq.extended,
+            "min_margin": seq.min_margin,
+            "batch1": seq.batch1,
+            "changed": seq.changed,
+        }
+
+    def save(self) -> None:
+        data = {
+            "format": SEQUENCES_FORMAT,
+            "version": 1,
+            **self.key,
+            "sequences": list(self.entries.values()),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps(data))
+
+
+@torch.no_grad()
+def sequence_features(target: Target, seq: Sequence, layers: list[int]) -> torch.Tensor:
+    """The target features of rows 0..P+G−2 by one teacher-forced forward (batch 1, as the
+    engine's verify forwards are), [P + G − 1, n_layers, H]."""
+    ids = torch.tensor([seq.prompt + seq.tokens[:-1]], device=target.device)
+    with capture_layers(target, layers) as captured:
+        hidden = target.backbone(input_ids=ids, use_cache=False).last_hidden_state[0]
+    return torch.stack([hidden if i == target.num_layers else captured[i][0] for i in layers], dim=1)
+
+
 # ---------------------------------------------------------------------------- the head pass
 def replay_head(head: DraftHead, dtype: torch.dtype) -> DraftHead:
     """The head as the engine drafts with it in `dtype`, borrowed target modules included (so a
@@ -284,11 +374,13 @@ def replay(
     batch_size: int = 16,
     tie_margin: float | None = None,
     semantics: str = "mtpkit",
+    sequence_file: str | Path | None = None,
 ) -> ReplayResult:
     """Greedy speculative decoding's per-step accepted counts for every prompt and K in `ks`,
     without running it: see the module docstring. `semantics` "vllm" / "sglang" predicts those
     engines' drafting of the same head (K = vLLM's num_speculative_tokens = SGLang's
-    speculative_num_draft_tokens − 1)."""
+    speculative_num_draft_tokens − 1). `sequence_file`: a `GreedySequences` file read for prompts
+    it holds and written with every prompt's sequence (see the module docstring)."""
     if not ks or min(ks) < 1:
         raise DecodeError(f"K (draft tokens per step) must be >= 1, got {ks}")
     check_semantics(head, semantics)
@@ -310,15 +402,38 @@ def replay(
     layers = head.feature_layers
     steps = {k: [None] * len(prompts) for k in ks}
     sequences: list = [None] * len(prompts)
-    for i, seq in greedy_generate(
-        target, prompts, max_new_tokens, layers, k_max - 1, batch_size, tie_margin=tie_margin
-    ):
+    store = GreedySequences(sequence_file, target, max_new_tokens) if sequence_file is not None else None
+    known = {i: store.get(p, k_max - 1) for i, p in enumerate(prompts)} if store is not None else {}
+    known = {i: seq for i, seq in known.items() if seq is not None}
+    todo = [i for i in range(len(prompts)) if i not in known]
+
+    def all_sequences() -> Iterator[tuple[int, Sequence]]:
+        for i, seq in known.items():
+            seq.features = sequence_features(target, seq, layers)
+            yield i, seq
+        generated = greedy_generate(
+            target,
+            [prompts[i] for i in todo],
+            max_new_tokens,
+            layers,
+            k_max - 1,
+            batch_size,
+            tie_margin=tie_margin,
+        )
+        for j, seq in generated:
+            if store is not None:
+                store.put(seq)
+            yield todo[j], seq
+
+    for i, seq in all_sequences():
         runs = leading_runs(draft_hits(drafting, seq, k_max, draft_dtype, semantics)).tolist()
         P, G = len(seq.prompt), len(seq.tokens)
         for k in ks:
             steps[k][i] = walk(runs, P - 1, P + G - 2, k)
         seq.features = seq.features[:0]  # done with them: keep memory flat over many prompts
         sequences[i] = seq
+    if store is not None and todo:
+        store.save()
     result = ReplayResult(
         steps,
         sequences,

@@ -1,3 +1,19 @@
-from mtpkit.models.loader import DTYPES, EMBEDDED_ALIAS, Target, TargetLoadError, load_target
+from mtpkit.models.loader import (
+    DTYPES,
+    EMBEDDED_ALIAS,
+    Target,
+    TargetLoadError,
+    capture_layers,
+    load_target,
+    stack_layers,
+)
 
-__all__ = ["DTYPES", "EMBEDDED_ALIAS", "Target", "TargetLoadError", "load_target"]
+__all__ = [
+    "DTYPES",
+    "EMBEDDED_ALIAS",
+    "Target",
+    "TargetLoadError",
+    "capture_layers",
+    "load_target",
+    "stack_layers",
+]

@@ -9,12 +9,14 @@ Nothing here touches the network: a spec that is neither a local path nor a know
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -415,3 +417,35 @@ def load_target(spec: str | os.PathLike, dtype: str | torch.dtype = "float32", s
 
 def _known_specs() -> str:
     return ", ".join([EMBEDDED_ALIAS] + [TINY_PREFIX + f for f in TINY_CONFIGS])
+
+
+def _keep(captured: dict[int, torch.Tensor], i: int):
+    def hook(_module, _args, out):
+        captured[i] = out[0] if isinstance(out, tuple) else out
+
+    return hook
+
+
+@contextlib.contextmanager
+def capture_layers(target: Target, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Hidden states of HF `hidden_states` ids `layers` (0 = embeddings, i = output of decoder
+    layer i; L, the final post-norm state, is the forward's own output) caught by forward hooks
+    during one forward, instead of `output_hidden_states` keeping every layer's."""
+    captured: dict[int, torch.Tensor] = {}
+    modules = {
+        0: target.embed_tokens,
+        **{i: target.backbone.layers[i - 1] for i in range(1, target.num_layers)},
+    }
+    handles = [modules[i].register_forward_hook(_keep(captured, i)) for i in layers if i != target.num_layers]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stack_layers(
+    target: Target, captured: dict[int, torch.Tensor], last_hidden: torch.Tensor, layers: list[int]
+):
+    """[..., n_layers, H]: `layers` of one forward, `last_hidden` (its output) standing for L."""
+    return torch.stack([last_hidden if i == target.num_layers else captured[i] for i in layers], dim=-2)
