@@ -411,6 +411,8 @@ def replay(
         for i, seq in known.items():
             seq.features = sequence_features(target, seq, layers)
             yield i, seq
+        if not todo:
+            return
         generated = greedy_generate(
             target,
             [prompts[i] for i in todo],
