@@ -216,7 +216,13 @@ def generate_continuous(
         start = 0
         while start < len(take):
             end = start + 1
-            while end < len(take) and (end + 1 - start) * len(take[end].prompt) <= PREFILL_TOKENS:
+            real = len(take[start].prompt)
+            while end < len(take):
+                n, width = end + 1 - start, len(take[end].prompt)
+                # a chunk within the token budget, padded by at most a quarter
+                if n * width > PREFILL_TOKENS or n * width > 1.25 * (real + width):
+                    break
+                real += width
                 end += 1
             prefill(rows[start:end], take[start:end])
             start = end
@@ -227,18 +233,26 @@ def generate_continuous(
             refill()
             continue
         rows = [r for r in range(slots) if active[r] is not None]
-        rows_t = torch.tensor(rows, device=device)
-        cols = lengths[rows_t]  # the new token's column (= its position)
-        cache.decode(rows_t, cols)
+        # With most slots busy, run every slot (idle ones on a dummy column 0, their output
+        # dropped): the cache is then attended as a view, where a subset of rows would be a
+        # gathered copy of every layer's keys and values each step.
+        run = list(range(slots)) if len(rows) >= slots * 3 // 4 else rows
+        run_t = torch.tensor(run, device=device)
+        busy = torch.tensor([active[r] is not None for r in run], device=device)
+        cols = torch.where(busy, lengths[run_t], 0)  # the new token's column (= its position)
+        cache.decode(run_t, cols)
         span = torch.arange(cache._span, device=device)
         mask = (span[None, :] <= cols[:, None])[:, None, None, :]
         hidden, feats = forward(
-            input_ids=last[rows_t][:, None], attention_mask=mask, position_ids=cols[:, None]
+            input_ids=last[run_t][:, None], attention_mask=mask, position_ids=cols[:, None]
         )
+        keep = busy.nonzero()[:, 0]
+        hidden = hidden[keep]
         if feats is not None:
-            feats = feats.cpu()
+            feats = feats[keep].cpu()
             for b, r in enumerate(rows):
                 active[r].features.append(feats[b])
+        rows_t = torch.tensor(rows, device=device)
         lengths[rows_t] += 1
         accept(rows, choose(lm_head(hidden[:, 0]), rows))
     return finished
