@@ -10,10 +10,13 @@ import torch
 
 @dataclass
 class LinearView:
-    """What `lm_loss` needs of an LM head: a weight [V, H] and an optional bias [V]."""
+    """What `lm_loss` needs of an LM head: a weight [V, H] and an optional bias [V]; `full`, for
+    a view of some rows of a larger head (a reduced vocabulary), is that whole head, whose
+    softmax gives the rows' unrenormalised probabilities (the LK losses' acceptance needs them)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    full: LinearView | None = None
 
 
 def attention_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:

@@ -188,7 +188,8 @@ class Eagle3Head(DraftHead):
         """(student LM head, teacher head = the target's restricted to the draft vocabulary)."""
         ids = self.draft_to_target()
         t = self.target_lm_head
-        return self.lm_head, LinearView(t.weight[ids], None if t.bias is None else t.bias[ids])
+        full = LinearView(t.weight, t.bias)
+        return self.lm_head, LinearView(t.weight[ids], None if t.bias is None else t.bias[ids], full)
 
     # ------------------------------------------------------------------ forward
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
