@@ -111,7 +111,7 @@ def shifted_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, depth: int)
 
 
 def _chunk(
-    hidden, weight, bias, labels, teacher_hidden, t_weight, t_bias, row_weight, kind: str, t_full, eta
+    hidden, weight, bias, labels, teacher_hidden, t_weight, t_bias, row_weight, kind: str, t_log_z, eta
 ):
     logits = F.linear(hidden, weight, bias).float()
     correct = logits.argmax(-1) == labels
@@ -124,8 +124,8 @@ def _chunk(
             if kind in ("lk", "lk_lambda"):
                 # Acceptance needs the target's own probabilities of these tokens: with a reduced
                 # vocabulary the mass outside it can never be accepted (SpecForge's target_p_on_draft).
-                full = F.linear(teacher_hidden, *t_full).float() if t_full is not None else t_logits
-                p_accept = (t_logits - full.logsumexp(-1, keepdim=True)).exp()
+                log_z = t_log_z[:, None] if t_log_z is not None else t_logits.logsumexp(-1, keepdim=True)
+                p_accept = (t_logits - log_z).exp()
         logq = F.log_softmax(logits, dim=-1)
         if kind == "kl":  # KL(p_target || q_head) = Σ p (log p − log q)
             per_row = F.kl_div(logq, p, reduction="none").sum(-1)
@@ -182,8 +182,7 @@ def lm_loss(
     if kind != "ce" and teacher_hidden is None:
         raise ValueError(f"loss kind {kind!r} needs the target's hidden states (teacher_hidden)")
     t_head = teacher_head if teacher_head is not None else lm_head
-    full = t_head.full if isinstance(t_head, LinearView) else None
-    t_full = None if full is None else (full.weight, full.bias)
+    full = t_head.full if isinstance(t_head, LinearView) and kind in ("lk", "lk_lambda") else None
     total = hidden.new_zeros((), dtype=torch.float32)
     hits = []
     # At least one (possibly empty) chunk: a rank without labels still backpropagates zeros
@@ -192,6 +191,10 @@ def lm_loss(
         sl = slice(start, start + chunk_size)
         teacher = teacher_hidden[sl] if teacher_hidden is not None else None
         weight = row_weight[sl] if row_weight is not None else None
+        log_z = None
+        if full is not None:  # once per chunk, outside the checkpoint: backward does not redo it
+            with torch.no_grad():
+                log_z = F.linear(teacher, full.weight, full.bias).float().logsumexp(-1)
         args = (
             hidden[sl],
             lm_head.weight,
@@ -202,7 +205,7 @@ def lm_loss(
             t_head.bias,
             weight,
             kind,
-            t_full,
+            log_z,
             lk_eta,
         )
         if torch.is_grad_enabled() and hidden.requires_grad:
