@@ -57,7 +57,7 @@ def _grads(module) -> dict[str, torch.Tensor | None]:
 
 
 # ---------------------------------------------------------------------------- gradient isolation
-@pytest.mark.parametrize("target_kind", ["ce", "soft_ce", "tv"])
+@pytest.mark.parametrize("target_kind", ["ce", "soft_ce", "tv", "lk"])
 def test_detached_mtp_loss_gives_exactly_zero_model_gradient(target_kind):
     target, head, policy = _setup("full")
     ids, mask = _batch()

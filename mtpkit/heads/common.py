@@ -10,10 +10,13 @@ import torch
 
 @dataclass
 class LinearView:
-    """What `lm_loss` needs of an LM head: a weight [V, H] and an optional bias [V]."""
+    """What `lm_loss` needs of an LM head: a weight [V, H] and an optional bias [V]; `full`, for
+    a view of some rows of a larger head (a reduced vocabulary), is that whole head, whose
+    softmax gives the rows' unrenormalised probabilities (the LK losses' acceptance needs them)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    full: LinearView | None = None
 
 
 def attention_mask(allowed: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
@@ -37,6 +40,35 @@ def init_from_target(module: torch.nn.Module, target) -> None:
     """Initialise every submodule as the target family's fresh layers are initialised."""
     for sub in module.modules():
         target.model._init_weights(sub)
+
+
+RESIDUAL_WRITES = ("o_proj", "down_proj")  # what a decoder layer adds to its residual stream
+
+
+@torch.no_grad()
+def zero_residual_writes(layer: torch.nn.Module) -> None:
+    """Zero a decoder layer's attention `o_proj` and every MLP / expert `down_proj`, so the layer
+    starts as the identity (as Medusa's blocks and zero-init residual branches do): the first
+    gradients reach those projections, and through them the rest of the layer."""
+    found = set()
+    for name, p in layer.named_parameters():
+        hit = set(name.split(".")) & set(RESIDUAL_WRITES)
+        if hit:
+            found |= hit
+            p.zero_()
+    if found != set(RESIDUAL_WRITES):
+        raise ValueError(
+            f"head.init: passthrough needs a decoder layer with {' and '.join(RESIDUAL_WRITES)} "
+            f"projections; {type(layer).__name__} has {sorted(found) or 'neither'}"
+        )
+
+
+@torch.no_grad()
+def passthrough_gain(norm: torch.nn.Module, final_norm: torch.nn.Module) -> None:
+    """A norm whose input is already the target's final-normed state (its per-channel gains are
+    in it) gets one uniform gain, the RMS of the final norm's: the LM head then reads that
+    state's direction exactly, at about its scale."""
+    norm.weight.fill_(float(final_norm.weight.float().pow(2).mean().sqrt()))
 
 
 def truncate(cache, keep: int, layer_idx: int = 0) -> None:

@@ -35,18 +35,19 @@ from mtpkit.heads import (
 )
 from mtpkit.models import Target
 from mtpkit.train.config import LossConfig
-from mtpkit.train.losses import depth_losses, depth_weights
+from mtpkit.train.losses import LK_ETA, depth_losses, depth_weights
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"ce": "ce", "soft_ce": "kl", "tv": "tv"}  # our name -> train.losses kind
+# our name -> train.losses kind
+TARGETS = {"ce": "ce", "soft_ce": "kl", "tv": "tv", "lk": "lk", "lk_lambda": "lk_lambda"}
 DETACHABLE = ("hidden", "embed", "lm_head")
 
 
 @dataclass
 class MTPLossConfig(LossConfig):
-    """The head trainer's loss settings (`kind`: ce | kl | tv, depth weights, chunking) plus what
-    joint training adds: on/off, α and which paths into the model are cut."""
+    """The head trainer's loss settings (`kind`: ce | kl | tv | lk | lk_lambda, depth weights,
+    chunking) plus what joint training adds: on/off, α and which paths into the model are cut."""
 
     enabled: bool = True
     scaling_factor: float = checked(
@@ -131,6 +132,7 @@ def mtp_loss(
     detach: list[str] | tuple[str, ...] = DETACHABLE,
     weights: list[float] | None = None,
     chunk_size: int = 1024,
+    lk_eta: float = LK_ETA,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Weighted per-depth mean MTP loss (unscaled) of a right-padded batch, and per-depth stats.
 
@@ -144,14 +146,16 @@ def mtp_loss(
     if "hidden" in detach:
         hidden = hidden.detach()
     with head.borrowing(detached_views(head, list(detach))):
-        return depth_losses(head, ids, hidden, mask.bool(), weights, TARGETS[target], chunk_size)
+        return depth_losses(
+            head, ids, hidden, mask.bool(), weights, TARGETS[target], chunk_size, lk_eta=lk_eta
+        )
 
 
 def mtp_loss_from_config(head: DraftHead, hidden, ids, mask, cfg: MTPLossConfig):
     decay = cfg.depth_decay if cfg.depth_decay is not None else head.default_depth_decay
     weights = depth_weights(head.cfg.train_depths, cfg.depth_weights, decay)
     target = {kind: name for name, kind in TARGETS.items()}[cfg.kind]
-    return mtp_loss(head, hidden, ids, mask, target, cfg.detach, weights, cfg.chunk_size)
+    return mtp_loss(head, hidden, ids, mask, target, cfg.detach, weights, cfg.chunk_size, cfg.lk_eta)
 
 
 def joint_head_type(head_type: str, init_head: str | None) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from mtpkit.config import Checked, FieldError, check_fields, check_section, checked
 from mtpkit.data.prompts import FORMATS
 from mtpkit.distributed.mesh import DistributedConfig
-from mtpkit.train.losses import LOSS_KINDS
+from mtpkit.train.losses import LK_ETA, LOSS_KINDS
 
 
 @dataclass
@@ -40,7 +40,9 @@ class DataConfig(Checked):
 
 @dataclass
 class LossConfig:
-    kind: str = "ce"  # ce | kl | tv (kl/tv distil from the target's own distribution)
+    kind: str = "ce"  # ce | kl | tv | lk | lk_lambda (all but ce distil from the target's own
+    # distribution; lk / lk_lambda are the LK losses of arXiv 2602.23881, see train/losses.py)
+    lk_eta: float = checked(LK_ETA, ge=0)  # η of lk_lambda: λ = exp(−η·α) weighs KL against TV
     depth_weights: list[float] | None = checked(None, ge=0)  # explicit per-depth weights (normalised)
     depth_decay: float | None = checked(None, gt=0)  # else weight of depth k = decay^(k-1), normalised;
     # None: head's default (1.0; EAGLE-3: 0.8)

@@ -57,6 +57,7 @@ def batch_loss(
         depths,
         batch.features,
         counts,
+        cfg.loss.lk_eta,
     )
     return total * cfg.loss.scaling_factor, stats
 

@@ -37,11 +37,19 @@ from torch import nn
 from transformers import DynamicCache
 
 from mtpkit.heads.base import DraftHead
-from mtpkit.heads.common import LinearView, attention_mask, causal_allowed, init_from_target
+from mtpkit.heads.common import (
+    LinearView,
+    attention_mask,
+    causal_allowed,
+    init_from_target,
+    passthrough_gain,
+    zero_residual_writes,
+)
 from mtpkit.heads.eagle3.drafter import Eagle3Drafter
 from mtpkit.models import Target
 
 DEFAULT_DRAFT_VOCAB = 8192
+INITS = ("random", "passthrough")
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -57,8 +65,11 @@ class Eagle3Config:
     draft_vocab_size: int = DEFAULT_DRAFT_VOCAB  # clamped to the target's vocabulary
     ttt_steps: int = 3  # training-time-test unroll (trained depths)
     norm_before_residual: bool = False
+    init: str = "random"  # random | passthrough (fc selects the last feature layer, midlayer adds nothing)
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"head init must be one of {INITS}, got {self.init!r}")
         if self.ttt_steps < 1:
             raise ValueError(f"ttt_steps must be >= 1, got {self.ttt_steps}")
         if self.draft_vocab_size < 1:
@@ -149,6 +160,22 @@ class Eagle3Head(DraftHead):
         init_from_target(self.midlayer, target)
         self.norm.load_state_dict(target.final_norm.state_dict())
         self._copy_lm_rows()
+        if cfg.init == "passthrough":
+            self._passthrough(target)
+
+    @torch.no_grad()
+    def _passthrough(self, target: Target) -> None:
+        # Start as "the last feature layer, read by the target's LM head": fc is the identity
+        # on that layer's block of [h^{l1} ; h^{l2} ; h^{l3}] and zero on the others, and the
+        # midlayer adds nothing to its residual stream (which starts at fc's output). `norm`
+        # stays the final norm (a logit lens on an inner layer) unless that layer is the final
+        # normed state already, whose gains it carries: then one uniform gain.
+        H = target.hidden_size
+        self.fc.weight.zero_()
+        self.fc.weight[:, -H:].copy_(torch.eye(H))
+        zero_residual_writes(self.midlayer)
+        if self.cfg.layers[-1] == target.num_layers:
+            passthrough_gain(self.norm, target.final_norm)
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -188,7 +215,8 @@ class Eagle3Head(DraftHead):
         """(student LM head, teacher head = the target's restricted to the draft vocabulary)."""
         ids = self.draft_to_target()
         t = self.target_lm_head
-        return self.lm_head, LinearView(t.weight[ids], None if t.bias is None else t.bias[ids])
+        full = LinearView(t.weight, t.bias)
+        return self.lm_head, LinearView(t.weight[ids], None if t.bias is None else t.bias[ids], full)
 
     # ------------------------------------------------------------------ forward
     def fuse(self, features: torch.Tensor) -> torch.Tensor:

@@ -27,17 +27,19 @@ import torch
 from torch import nn
 
 from mtpkit.heads.base import DraftHead
+from mtpkit.heads.common import passthrough_gain, zero_residual_writes
 from mtpkit.heads.mtp.drafter import MTPDrafter
 from mtpkit.models import Target
 
-INITS = ("random", "last_layer")
+INITS = ("random", "last_layer", "passthrough")
 
 
 @dataclass
 class MTPConfig:
     num_depths: int = 1  # D: distinct MTP modules (exported as layers L .. L+D-1)
     train_depths: int | None = None  # chained steps trained; > D = repeated-layer mode. Default D
-    init: str = "random"  # random | last_layer (copy the target's last decoder layer into each block)
+    init: str = "random"  # random | last_layer (copy the target's last decoder layer into each
+    # block) | passthrough (each module starts as h ↦ h: the target's own next-token prediction)
     zero_first_embedding: bool = True  # vLLM zeroes the embedding input at position 0; train the same way
 
     def __post_init__(self):
@@ -123,6 +125,24 @@ class MTPHead(DraftHead):
             # hidden-state language; eh_proj and the norms stay freshly initialised.
             for module in self.layers:
                 module.block.load_state_dict(target.backbone.layers[-1].state_dict())
+        if self.cfg.init == "passthrough":
+            for module in self.layers:
+                self._passthrough(module, target)
+
+    @staticmethod
+    @torch.no_grad()
+    def _passthrough(module: MTPModule, target: Target) -> None:
+        # A module that starts as h ↦ h: eh_proj reads only the hidden half of its input
+        # [enorm(e) ; hnorm(h)] (identity there, zero on the embedding), the block adds nothing
+        # to its residual stream, and shared_head.norm — whose input, hnorm(h), already carries
+        # the final norm's gains — is one uniform gain. The LM head then reads h's direction:
+        # the head starts at the target's own prediction from h instead of at noise, so what
+        # is left to learn is the correction the next token's embedding brings.
+        H = target.hidden_size
+        module.eh_proj.weight.zero_()
+        module.eh_proj.weight[:, H:].copy_(torch.eye(H))
+        zero_residual_writes(module.block)
+        passthrough_gain(module.shared_head.norm, target.final_norm)
 
     # ------------------------------------------------------------------ frozen pieces
     @property
