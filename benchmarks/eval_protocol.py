@@ -91,7 +91,17 @@ def engine_semantics(target, head, files, args, draft_dtype: str, combined: dict
     mtpkit = {str(r["k"]): r["tau"] for r in combined["sets"][chosen.stem]["sweep"]}
     start = time.perf_counter()
     # SGLang's NEXTN chain is vLLM's (docs/speculative-decoding.md): one replay predicts both.
-    got = replay(target, head, ids, args.k, args.max_new_tokens, dtype, args.batch_size, semantics="vllm")
+    got = replay(
+        target,
+        head,
+        ids,
+        args.k,
+        args.max_new_tokens,
+        dtype,
+        args.batch_size,
+        semantics="vllm",
+        sequence_file=args.sequences,
+    )
     vllm = {str(k): got.stats[k].tau for k in args.k}
     print("served τ on", chosen.stem, "mtpkit", mtpkit, "vllm/sglang", vllm, flush=True)
     return {
@@ -112,13 +122,18 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=[str(EVAL_DIR)])
     ap.add_argument("-k", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--timing-prompts", type=int, default=2, help="per set: the real engine's subset")
+    ap.add_argument("--timing-prompts", type=int, default=1, help="per set: the real engine's subset")
+    ap.add_argument(
+        "--sequences",
+        help="greedy-sequence file (read if it exists, then written): a second head over the same "
+        "prompts skips generation; without it every run generates (the cold cost)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
         "--draft-dtype",
-        choices=["bfloat16", "float32"],
-        default="bfloat16",
-        help="float32 on CPUs without AVX-512-BF16/AMX, where bf16 GEMMs take a slow fallback path",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="auto: bfloat16 where its GEMMs are native (CUDA, AVX-512-BF16/AMX CPUs), else float32",
     )
     ap.add_argument(
         "--batching-check", type=int, default=8, help="prompts regenerated at batch 1 to count changes"
@@ -133,6 +148,7 @@ def main() -> None:
     from mtpkit.decode.evaluate import EvalConfig, evaluate_sets, load_eval_head, set_files
     from mtpkit.models import load_target
 
+    sequences_cached = bool(args.sequences) and Path(args.sequences).exists()
     wall, cpu = time.perf_counter(), _cpu_seconds()
     target = load_target(args.model)
     work = Path(args.work)
@@ -148,6 +164,7 @@ def main() -> None:
         draft_dtype=args.draft_dtype,
         hf_baseline=False,
         progress=False,
+        sequences=args.sequences,
     )
     combined = evaluate_sets(cfg, args.sets, target)
     protocol_wall, protocol_cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
@@ -194,6 +211,8 @@ def main() -> None:
         "greedy": True,
         "draft_dtype": cfg.draft_dtype,
         "replay_batch_size": args.batch_size,
+        "sequence_file": args.sequences,
+        "sequences_cached_before_run": sequences_cached,
         "protocol_wall_seconds": protocol_wall,
         "protocol_cpu_seconds": protocol_cpu,
         "total_prompts": sum(s["prompts"] for s in sets.values()),

@@ -214,9 +214,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
         "--draft-dtype",
-        choices=["bfloat16", "float32"],
-        help="dtype of drafting (default bfloat16; verification always runs in the target's dtype, so output "
-        "is unchanged)",
+        choices=["auto", "bfloat16", "float32"],
+        help="dtype of drafting (default auto: bfloat16 where its matrix products are native — CUDA, "
+        "AVX-512-BF16/AMX CPUs — else float32; verification always runs in the target's dtype, so "
+        "output is unchanged)",
     )
     p.add_argument(
         "--dtype",
@@ -248,6 +249,12 @@ def _eval_parser(sub) -> None:
         "--batch-size",
         type=int,
         help=field_help(EvalConfig, "batch_size", "replay: prompts generated at once"),
+    )
+    p.add_argument(
+        "--sequences",
+        help="replay: a greedy-sequence file (JSON); prompts it holds are not generated again, and "
+        "every prompt's greedy output is written to it — evaluating another head on the same prompts "
+        "then costs one teacher-forced forward per prompt",
     )
     p.add_argument(
         "--semantics",

@@ -26,7 +26,7 @@ from mtpkit.decode.engine import DecodeError, SpeculativeDecoder
 from mtpkit.decode.metrics import AcceptanceStats, bootstrap_ci, merged
 from mtpkit.decode.replay import SEMANTICS, check_semantics, replay
 from mtpkit.heads import FAMILIES, DraftHead, head_dir, load_head, read_head_config
-from mtpkit.models import DTYPES, Target, load_target
+from mtpkit.models import DTYPES, Target, fast_bfloat16, load_target
 
 log = logging.getLogger(__name__)
 EVAL_DTYPES = ("float32", "bfloat16")  # of mtpkit.models.DTYPES
@@ -47,13 +47,16 @@ class EvalConfig:
     system_prompt: str | None = None
     hf_baseline: bool = True
     progress: bool = True
-    draft_dtype: str = "bfloat16"  # drafting only; verification runs in the target's dtype
+    # Drafting only (verification runs in the target's dtype). auto: bfloat16 where its matrix
+    # products are native (`fast_bfloat16`), else float32.
+    draft_dtype: str = "auto"
     dtype: str = "float32"  # the target's dtype when evaluate() loads it (verification and plain decoding)
     denoising_steps: int | None = checked(None, ge=1)  # diffusion heads: S passes per draft (default: head's)
     replay: bool = True  # greedy τ by replay over every prompt (False: the engine on every prompt)
     timing_prompts: int | None = checked(8, ge=0)  # greedy with replay: prompts the engine also runs
     batch_size: int = checked(16, ge=1)  # replay's batched plain generation
     semantics: str = checked("mtpkit", choices=("mtpkit", "vllm", "sglang"))  # whose drafting replay predicts
+    sequences: str | None = None  # replay: a greedy-sequence file, read for prompts it holds and updated
     k_auto: bool = False  # `-k auto`: the sweep is every K up to the head's limit; the report names the best
 
     def __post_init__(self):
@@ -71,6 +74,8 @@ class EvalConfig:
             raise DecodeError(f"semantics must be one of {list(SEMANTICS)}, got {self.semantics!r}")
         if self.semantics != "mtpkit" and not (self.temperature == 0 and self.replay):
             raise DecodeError(f"semantics {self.semantics!r} is a replay option: greedy (temperature 0) only")
+        if self.draft_dtype == "auto":
+            self.draft_dtype = "bfloat16" if fast_bfloat16() else "float32"
         for name in ("draft_dtype", "dtype"):
             if getattr(self, name) not in EVAL_DTYPES:
                 raise DecodeError(f"{name} must be one of {sorted(EVAL_DTYPES)}, got {getattr(self, name)!r}")
@@ -197,6 +202,7 @@ def run_eval(cfg: EvalConfig, target: Target, head, prompts, prompt_ids) -> dict
             DTYPES[cfg.draft_dtype],
             cfg.batch_size,
             semantics=cfg.semantics,
+            sequence_file=cfg.sequences,
         )
         replay_seconds = time.perf_counter() - t0
     # The engine drafts as mtpkit does; only MTP heads draft differently in vLLM / SGLang.

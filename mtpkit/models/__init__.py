@@ -4,6 +4,7 @@ from mtpkit.models.loader import (
     Target,
     TargetLoadError,
     capture_layers,
+    fast_bfloat16,
     load_target,
     stack_layers,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "Target",
     "TargetLoadError",
     "capture_layers",
+    "fast_bfloat16",
     "load_target",
     "stack_layers",
 ]

@@ -449,3 +449,15 @@ def stack_layers(
 ):
     """[..., n_layers, H]: `layers` of one forward, `last_hidden` (its output) standing for L."""
     return torch.stack([last_hidden if i == target.num_layers else captured[i] for i in layers], dim=-2)
+
+
+def fast_bfloat16() -> bool:
+    """Whether bfloat16 matrix products are native here: CUDA, or a CPU with AVX-512-BF16 or
+    AMX. Elsewhere (e.g. AVX2-only CPUs) PyTorch emulates them, several times slower than float32."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
