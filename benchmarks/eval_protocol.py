@@ -85,6 +85,8 @@ def engine_semantics(target, head, files, args, draft_dtype: str, combined: dict
     from mtpkit.data.prompts import load_prompts
     from mtpkit.decode.replay import replay
 
+    if head.head_type != "mtp":  # replay.check_semantics: only MTP heads draft differently there
+        return {"same_as_mtpkit": True, "why": f"vLLM and SGLang draft {head.head_type} heads as mtpkit does"}
     chosen = next((f for f in files if f.stem == args.semantics_set), files[0])
     ids = [chat.start(target.tokenizer, p).ids for p in load_prompts([str(chosen)])]
     dtype = getattr(torch, draft_dtype)
