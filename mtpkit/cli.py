@@ -87,6 +87,13 @@ def _collect_parser(sub) -> None:
         type=int,
         help="stop at N samples in the store (>= 1; default no limit)",
     )
+    p.add_argument(
+        "--max-minutes",
+        dest="max_minutes",
+        type=float,
+        help="time budget of this run: no new round starts after M minutes; what is done is committed "
+        "and rerunning continues the job",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--sample-size", dest="sample_size", type=int, help="corpus mode: tokens per window")

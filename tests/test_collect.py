@@ -101,6 +101,23 @@ def test_max_samples_is_exact_while_samples_are_pending(tmp_path, tiny_llama):
     assert collect(cfg, tiny_llama)["store_samples"] == 5
 
 
+def test_max_minutes_stops_at_a_round_boundary_and_the_rerun_continues(tmp_path, tiny_llama, monkeypatch):
+    import mtpkit.data.collect as collect_mod
+
+    clock = iter(range(0, 10**6, 40))  # every reading of the clock: 40 s later
+    real = collect_mod.time.perf_counter
+    monkeypatch.setattr(collect_mod.time, "perf_counter", lambda: next(clock))
+    cfg = _cfg(tmp_path, max_prompts=9, round_prompts=3, max_minutes=1.5)
+    first = collect(cfg, tiny_llama)
+    monkeypatch.setattr(collect_mod.time, "perf_counter", real)
+    assert 0 < first["items_consumed"] < first["items_total"] and first["items_consumed"] % 3 == 0  # rounds
+    again = collect(_cfg(tmp_path, max_prompts=9, round_prompts=3), tiny_llama)  # same job, no budget
+    whole = collect(_cfg(tmp_path, "whole", max_prompts=9, round_prompts=3), tiny_llama)
+    assert again["items_consumed"] == whole["items_consumed"] == whole["items_total"]
+    assert again["store_samples"] == whole["store_samples"] > first["store_samples"]
+    _same_stores(Store(tmp_path / "store"), Store(tmp_path / "whole"))
+
+
 def test_other_prompts_append_as_a_new_job(tmp_path, tiny_llama):
     collect(_cfg(tmp_path, max_prompts=2), tiny_llama)
     path = tmp_path / "more.jsonl"

@@ -66,6 +66,9 @@ class CollectConfig:
     model_dtype: str = checked("float32", choices=("float32", "bfloat16", "float16"))
     max_prompts: int | None = checked(None, ge=1)  # None: every item of the stream
     max_samples: int | None = checked(None, ge=1)  # None: no limit
+    max_minutes: float | None = checked(
+        None, gt=0
+    )  # this run starts no round after M minutes (None: no limit)
     seed: int = 0
     shuffle: bool = False
     sample_size: int = checked(2048, ge=2)  # corpus mode: tokens per window
@@ -364,6 +367,13 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
     while consumed < len(items):
         room = None if cfg.max_samples is None else cfg.max_samples - state["samples"]  # pending included
         if room is not None and room <= 0:
+            break
+        if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
+            log.info(
+                "collect: %.0f-minute budget spent; stopping after %d items (rerun to continue)",
+                cfg.max_minutes,
+                consumed,
+            )
             break
         # A round of items is one unit of work and of commit; within it, finished answers are
         # replaced by queued prompts, so only the round's tail waits for its longest answer.
