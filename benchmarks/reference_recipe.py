@@ -1,13 +1,16 @@
-"""The reference recipe: collect -> train -> eval an MTP head for the embedded SmolLM2-135M-Instruct.
+"""The reference recipe v2: collect -> train -> evaluate an EAGLE-3 head for the embedded
+SmolLM2-135M-Instruct, within a CPU budget (docs/recipe.md).
 
-    .venv/bin/python benchmarks/reference_recipe.py                      # all phases (~2 h on 2 cores)
-    .venv/bin/python benchmarks/reference_recipe.py --phases eval --eval-prompts 3
+    .venv/bin/python benchmarks/reference_recipe.py                          # all phases
+    .venv/bin/python benchmarks/reference_recipe.py --collect-minutes 10     # a smaller budget
+    .venv/bin/python benchmarks/reference_recipe.py --phases report --protocol benchmarks/results/eval_protocol.json
 
-Collection uses only ../shared/data/prompts (configs/recipe/collect_*.yaml); training
-configs/recipe/train_mtp.yaml. Evaluation runs every set in ../shared/data/eval at K = 1..4, greedy
-and T = 0.7, 256 new tokens, on the first --eval-prompts prompts of each set (the full 4 x 80 prompts
-are ~10 CPU-hours here). Prints a markdown table and writes benchmarks/results/reference_recipe.json.
-Each phase resumes: collection appends to its store, training resumes from its last checkpoint.
+Collection answers only ../shared/data/prompts (configs/recipe/collect_all.yaml) for
+--collect-minutes; training runs configs/recipe/train_eagle3.yaml; evaluation is the full
+protocol (benchmarks/eval_protocol.py: every prompt of ../shared/data/eval, K = 1..4, greedy, 256
+new tokens, τ by replay with 95% CIs, the engine on a timing subset for speedup). `report` writes
+benchmarks/results/reference_recipe.json from a finished protocol run plus the store's and the
+training run's own records (collect and train CPU-seconds), without rerunning anything.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-EVAL_SETS = ("alpaca", "gsm8k", "qa", "sum")
-TEMPERATURES = (0.0, 0.7)
 RESULTS = REPO / "benchmarks" / "results" / "reference_recipe.json"
+PROTOCOL = REPO / "benchmarks" / "results" / "eval_protocol.json"
+COLLECT = REPO / "configs" / "recipe" / "collect_all.yaml"
+TRAIN = REPO / "configs" / "recipe" / "train_eagle3.yaml"
 
 
 def _cpu_seconds() -> float:
@@ -34,123 +39,113 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_collect(results: dict) -> None:
+def run_collect(store: str, minutes: float) -> dict:
     from mtpkit.config import load_config
     from mtpkit.data.collect import CollectConfig, collect
 
-    for name in ("collect_math", "collect_chat"):
-        cfg = load_config(CollectConfig, REPO / "configs" / "recipe" / f"{name}.yaml", [])
-        wall, cpu = time.perf_counter(), _cpu_seconds()
-        summary = collect(cfg)
-        results[name] = {
-            "wall_s": time.perf_counter() - wall,
-            "cpu_s": _cpu_seconds() - cpu,
-            **{
-                k: summary[k]
-                for k in ("run_samples", "run_tokens", "run_generated_tokens", "store_loss_tokens")
-            },
-        }
-        print(name, json.dumps(results[name]))
+    cfg = load_config(CollectConfig, COLLECT, [f"out={store}", f"max_minutes={minutes}"])
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    summary = collect(cfg)
+    keys = ("run_samples", "run_tokens", "run_generated_tokens", "store_tokens", "store_loss_tokens")
+    return {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": _cpu_seconds() - cpu,
+        **{k: summary[k] for k in keys},
+    }
 
 
-def run_train(results: dict) -> None:
+def run_train(store: str, out: str, steps: int | None) -> dict:
     from mtpkit.config import load_config
     from mtpkit.train.config import TrainConfig
     from mtpkit.train.trainer import train
 
-    cfg = load_config(TrainConfig, REPO / "configs" / "recipe" / "train_mtp.yaml", [])
+    overrides = [f"data.store={store}", f"out={out}"] + ([f"max_steps={steps}"] if steps else [])
+    cfg = load_config(TrainConfig, TRAIN, overrides)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     train(cfg, resume=True)
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if r.get("split") == "eval"]
-    results["train"] = {
-        "wall_s": time.perf_counter() - wall,
-        "cpu_s": _cpu_seconds() - cpu,
-        "steps": cfg.max_steps,
-        "final_eval": evals[-1] if evals else None,
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": _cpu_seconds() - cpu, "steps": cfg.max_steps}
+
+
+def report(protocol: dict, store: Path, run: Path, costs: dict) -> dict:
+    """reference_recipe.json: per set and K τ, CI, per-position and speedup from the protocol run,
+    the mean over sets, and what the data and the head cost."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m.get("split") == "eval"]
+    ks = protocol["k"]
+    sets = {
+        name: {
+            k: {
+                "tau": s["k"][k]["tau"],
+                "tau_ci": s["k"][k]["tau_ci"],
+                "per_position": s["k"][k]["per_position"],
+                "speedup_timing_subset": s["k"][k]["speedup_timing_subset"],
+            }
+            for k in map(str, ks)
+        }
+        for name, s in protocol["sets"].items()
     }
-    print("train", json.dumps(results["train"]))
-
-
-def run_eval(results: dict, n_prompts: int, head: str) -> None:
-    from mtpkit.decode.evaluate import EvalConfig, evaluate
-    from mtpkit.heads import head_dir, read_head_config
-    from mtpkit.models import load_target
-
-    target = load_target(read_head_config(head_dir(head))["target"]["model_id"])
-    rows = []
-    for temperature in TEMPERATURES:
-        for name in EVAL_SETS:
-            cfg = EvalConfig(
-                head=head,
-                prompts=[str(SHARED / "eval" / f"{name}.jsonl")],
-                out=str(REPO / "runs" / "recipe-eval" / f"{name}-t{temperature}" / "report.json"),
-                k=[1, 2, 3, 4],
-                max_prompts=n_prompts,
-                max_new_tokens=256,
-                temperature=temperature,
-                hf_baseline=temperature == 0,  # HF generate() runs greedy; one baseline per set is enough
-            )
-            report = evaluate(cfg, target)
-            for r in report["sweep"]:
-                rows.append(
-                    {
-                        "set": name,
-                        "temperature": temperature,
-                        "num_prompts": report["num_prompts"],
-                        "base_tokens_per_s": report["base_tokens_per_s"],
-                        "hf_generate_tokens_per_s": report["hf_generate_tokens_per_s"],
-                        **{k: r[k] for k in r if k not in ("per_position_counts",)},
-                    }
-                )
-            print(
-                f"{name} T={temperature}: " + " ".join(f"K{r['k']} τ={r['tau']:.2f}" for r in report["sweep"])
-            )
-    results["eval"] = rows
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| set | T | K | τ | acc. rate | per-position | spec tok/s | plain tok/s | speedup | draft ms | verify ms | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        per = " ".join(f"{x:.2f}" for x in r["per_position"])
-        same = f"{r['identical']}/{r['num_prompts']}" if r["identical"] is not None else "–"
-        lines.append(
-            f"| {r['set']} | {r['temperature']} | {r['k']} | {r['tau']:.2f} | {r['acceptance_rate']:.3f} | {per} | "
-            f"{r['spec_tokens_per_s']:.1f} | {r['base_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['draft_ms_per_step']:.1f} | {r['verify_ms_per_step']:.1f} | {same} |"
-        )
-    return "\n".join(lines)
+    mean = {str(k): sum(s[str(k)]["tau"] for s in sets.values()) / len(sets) for k in ks}
+    depth1 = sum(s["1"]["per_position"][0] for s in sets.values()) / len(sets)
+    return {
+        "head": protocol["head"],
+        "store": {
+            "samples": manifest["num_samples"],
+            "tokens": manifest["num_tokens"],
+            "loss_tokens": manifest["num_loss_tokens"],
+            "jobs": {
+                k: {f: v[f] for f in ("samples", "tokens", "generated_tokens")}
+                for k, v in manifest["jobs"].items()
+            },
+        },
+        "train": {"steps": evals[-1]["step"] if evals else None, "final_eval": evals[-1] if evals else None},
+        "costs": costs,
+        "eval_protocol": str(PROTOCOL.relative_to(REPO)),
+        "sets": sets,
+        "mean_tau_over_sets": mean,
+        "mean_depth1_acceptance": depth1,
+        "targets": {"tau_k3": 2.0, "depth1_acceptance": 0.55},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phases", default="collect,train,eval")
-    ap.add_argument("--eval-prompts", type=int, default=8, help="prompts per eval set (80 = the full sets)")
-    ap.add_argument("--head", default="runs/recipe-mtp")
+    ap.add_argument("--phases", default="collect,train,eval,report")
+    ap.add_argument("--store", default="runs/recipe2-store")
+    ap.add_argument("--run", default="runs/recipe2-eagle3")
+    ap.add_argument("--collect-minutes", type=float, default=28.0)
+    ap.add_argument("--steps", type=int, help="training steps (default: the config's)")
+    ap.add_argument("--protocol", default=str(PROTOCOL), help="the eval protocol's JSON (eval writes it)")
+    ap.add_argument(
+        "--costs", help="JSON of measured collect / train costs of a run made outside this script"
+    )
     args = ap.parse_args()
     os.chdir(REPO)  # the configs name ../shared and runs/ relative to the repository
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results["machine"] = {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_avg_at_start": os.getloadavg(),
-    }
     phases = args.phases.split(",")
+    costs = json.loads(Path(args.costs).read_text()) if args.costs else {}
     if "collect" in phases:
-        run_collect(results)
+        costs["collect"] = run_collect(args.store, args.collect_minutes)
+        print("collect", json.dumps(costs["collect"]), flush=True)
     if "train" in phases:
-        run_train(results)
+        costs["train"] = run_train(args.store, args.run, args.steps)
+        print("train", json.dumps(costs["train"]), flush=True)
     if "eval" in phases:
-        run_eval(results, args.eval_prompts, args.head)
-    results["machine"]["load_avg_at_end"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    if results.get("eval"):
-        print(table(results["eval"]))
+        cmd = [sys.executable, "benchmarks/eval_protocol.py", "--head", args.run, "--out", args.protocol]
+        subprocess.run(cmd, check=True)
+    if "report" in phases:
+        result = report(json.loads(Path(args.protocol).read_text()), Path(args.store), Path(args.run), costs)
+        result["machine"] = {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        print("| K | " + " | ".join(result["sets"]) + " | mean |")
+        print("|---|" + "---|" * (len(result["sets"]) + 1))
+        for k, m in result["mean_tau_over_sets"].items():
+            cells = [f"{s[k]['tau']:.2f}" for s in result["sets"].values()]
+            print(f"| {k} | " + " | ".join(cells) + f" | {m:.2f} |")
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
