@@ -16,7 +16,7 @@ from pathlib import Path
 from mtpkit.config import Checked, checked, from_dict
 from mtpkit.data.collect import CollectConfig, collect, format_summary
 from mtpkit.decode.evaluate import EvalConfig, evaluate
-from mtpkit.models import EMBEDDED_ALIAS, load_target
+from mtpkit.models import EMBEDDED_ALIAS, fast_bfloat16, load_target
 from mtpkit.train.config import TrainConfig
 from mtpkit.train.trainer import train
 
@@ -56,7 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 prompts=[cfg.train_prompts],
                 out=str(out / "store"),
                 max_new_tokens=cfg.max_new_tokens,
-                batch_size=8,
+                batch_size=32,  # continuous-batching slots: 96 prompts in a few rounds
                 max_length=1024,
                 temperature=temperature,
                 top_p=0.95 if temperature else 1.0,
@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             {
                 "out": str(run),
                 "model": cfg.model,
-                "precision": "bf16",
+                "precision": "bf16" if fast_bfloat16() else "fp32",  # bf16 is emulated on AVX2 CPUs
                 "max_steps": cfg.steps,
                 "head": {"num_depths": 1, "train_depths": 3, "init": "random"},
                 "data": {
@@ -108,6 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     print()
     print(_table(report))
+    print(verdict(report))
     print(f"\nreport: {out / 'report.json'} (+ .md, plots)   total {time.perf_counter() - start:.0f} s")
     return report
 
@@ -129,3 +130,21 @@ def _table(report: dict) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def verdict(report: dict) -> str:
+    """Whether the head pays for itself here, and if not, by how much τ falls short — from this
+    run's own measured step costs (the eval cost model: a step pays once τ > its cost in plain tokens)."""
+    rows = [r for r in report["sweep"] if r.get("speedup") is not None]
+    if not rows:
+        return "no timed runs: no speedup measured"
+    best = max(rows, key=lambda r: r["speedup"])
+    line = f"best measured: K = {best['k']}, τ {best['tau']:.2f}, speedup {best['speedup']:.2f}x"
+    if best["speedup"] >= 1.1:
+        return f"{line}: the head pays for itself on this machine."
+    need = best.get("break_even_tau")
+    why = f" (a step here costs {need:.2f} plain tokens, so τ must exceed {need:.2f})" if need else ""
+    return (
+        f"{line}: it does not pay for itself{why}. A {report.get('num_prompts')}-prompt, few-minute head "
+        "is far from that; benchmarks/reference_recipe.py trains the full recipe (docs/recipe.md)."
+    )
