@@ -48,7 +48,7 @@ class EvalConfig:
     hf_baseline: bool = True
     progress: bool = True
     # Drafting only (verification runs in the target's dtype). auto: bfloat16 where its matrix
-    # products are native (`fast_bfloat16`), else float32.
+    # products are native (`fast_bfloat16`) or the target is bf16, else float32.
     draft_dtype: str = "auto"
     dtype: str = "float32"  # the target's dtype when evaluate() loads it (verification and plain decoding)
     denoising_steps: int | None = checked(None, ge=1)  # diffusion heads: S passes per draft (default: head's)
@@ -74,8 +74,8 @@ class EvalConfig:
             raise DecodeError(f"semantics must be one of {list(SEMANTICS)}, got {self.semantics!r}")
         if self.semantics != "mtpkit" and not (self.temperature == 0 and self.replay):
             raise DecodeError(f"semantics {self.semantics!r} is a replay option: greedy (temperature 0) only")
-        if self.draft_dtype == "auto":
-            self.draft_dtype = "bfloat16" if fast_bfloat16() else "float32"
+        if self.draft_dtype == "auto":  # a bf16 target hands the drafter bf16 features: draft in bf16
+            self.draft_dtype = "bfloat16" if fast_bfloat16() or self.dtype == "bfloat16" else "float32"
         for name in ("draft_dtype", "dtype"):
             if getattr(self, name) not in EVAL_DTYPES:
                 raise DecodeError(f"{name} must be one of {sorted(EVAL_DTYPES)}, got {getattr(self, name)!r}")
