@@ -110,6 +110,9 @@ def test_greedy_rows_equal_batch1_plain_and_batch1_speculative(
     assert len({len(r.tokens) for r in results}) > 1
     assert any(len({r.steps[i].accepted for r in results if len(r.steps) > i}) > 1 for i in range(MAX_NEW))
     assert sum(s.accepted for r in results for s in r.steps) > 0
+    # bf16 drafting (the eval default) changes drafts at most, never the output.
+    bf16 = BatchedSpeculativeDecoder(tiny_llama, head, k=k, draft_dtype=torch.bfloat16)
+    assert [r.tokens for r in bf16.generate_batch(prompts, MAX_NEW, eos_ids=eos)] == plain
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-deepseek_v3"])
@@ -124,6 +127,46 @@ def test_k0_is_plain_batched_decoding(name):
     got = BatchedSpeculativeDecoder(target, None, k=0).generate_batch(ps, 24, eos_ids=eos)
     assert [r.tokens for r in got] == want
     assert len({len(w) for w in want}) > 1 and all(r.steps == [] for r in got)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-deepseek_v3"])
+@pytest.mark.parametrize("depths", [1, 2])
+def test_mtp_batch_drafter_drafts_what_the_batch1_drafter_drafts(name, depths):
+    """MTPBatchDrafter against one MTPDrafter per row through scripted steps: ragged accepted
+    counts (0..K, drawn at random), prompts of different lengths, rows leaving the batch —
+    every row's drafts equal at every step (their caches hold the same committed rows)."""
+    target = load_target(name)
+    torch.manual_seed(0)
+    head = build_head(target, "mtp", {"num_depths": depths})
+    k, g = 3, torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (30, 21, 40, 26)]
+    feats = [target.hidden_states(torch.tensor([s]))[0] for s in seqs]
+    plens = [4, 9, 2, 6]
+
+    def greedy(logits):
+        return int(logits.argmax(-1)), None
+
+    single = [head.make_drafter(k, torch.float32, greedy) for _ in seqs]
+    batch = head.make_batch_drafter(k, torch.float32, [greedy] * len(seqs))
+    for d, f, p in zip(single, feats, plens, strict=True):
+        d.start(f[:p])
+    batch.start([f[:p] for f, p in zip(feats, plens, strict=True)], max(map(len, seqs)))
+    rows, N, steps = list(range(len(seqs))), [p + 1 for p in plens], 0
+    while rows:
+        ids = [seqs[r][: N[r]] for r in rows]
+        assert batch.draft(ids) == [single[r].draft(x) for r, x in zip(rows, ids, strict=True)]
+        accepted = torch.randint(0, k + 1, (len(rows),), generator=g).tolist()
+        verified = [feats[r][N[r] - 1 : N[r] + a] for r, a in zip(rows, accepted, strict=True)]
+        for r, f in zip(rows, verified, strict=True):
+            single[r].commit(f)
+        batch.commit(verified)
+        for r, a in zip(rows, accepted, strict=True):
+            N[r] += a + 1
+        keep = [i for i, r in enumerate(rows) if N[r] + k + 1 < len(seqs[r])]
+        if len(keep) < len(rows) and keep:
+            batch.select(keep)
+        rows, steps = [rows[i] for i in keep], steps + 1
+    assert steps >= 8
 
 
 def test_sampled_rows_depend_on_their_seed_not_on_the_batch(trained, tiny_llama, prompts):
@@ -175,6 +218,7 @@ def test_sampled_batched_decoding_matches_the_target_distribution(monkeypatch):
     monkeypatch.setattr(
         type(head), "make_drafter", lambda self, k, dtype, pick, greedy=True: HotTarget(self, k, dtype, pick)
     )
+    monkeypatch.setattr(type(head), "make_batch_drafter", lambda *args, **kw: None)  # one per row
     runs, batch = 1500, 50
     counts = [Counter(), Counter()]
     accepted = Counter()

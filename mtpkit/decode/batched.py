@@ -35,18 +35,17 @@ from mtpkit.decode.engine import (
     greedy_accept,
     pick,
 )
-from mtpkit.heads.base import Drafter
+from mtpkit.heads.base import BatchDrafter, Drafter
 from mtpkit.heads.common import attention_mask
 
 
 @dataclass
 class _Row:
-    """One sequence of the batch: its verified ids, its result, its RNG and drafting state."""
+    """One sequence of the batch: its verified ids, its result and its RNG."""
 
     ids: list[int]
     result: DecodeResult
     generator: torch.Generator
-    drafter: Drafter | None
     start: float
 
     def take(self, tokens: list[int], max_new_tokens: int, eos: set[int]) -> bool:
@@ -58,6 +57,27 @@ class _Row:
             out.append(token)
             self.ids.append(token)
         return len(out) >= max_new_tokens or out[-1] in eos
+
+
+class PerRowDrafters:
+    """A `BatchDrafter` made of one family `Drafter` per row (families without a batched one)."""
+
+    def __init__(self, drafters: list[Drafter]):
+        self.drafters = drafters
+
+    def start(self, features: list[torch.Tensor], width: int) -> None:
+        for d, f in zip(self.drafters, features, strict=True):
+            d.start(f)
+
+    def commit(self, features: list[torch.Tensor]) -> None:
+        for d, f in zip(self.drafters, features, strict=True):
+            d.commit(f)
+
+    def draft(self, ids: list[list[int]]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+        return [d.draft(x) for d, x in zip(self.drafters, ids, strict=True)]
+
+    def select(self, rows: list[int]) -> None:
+        self.drafters = [self.drafters[b] for b in rows]
 
 
 class BatchedSpeculativeDecoder(SpeculativeDecoder):
@@ -87,29 +107,29 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
         eos = set(self.target.eos_token_ids if eos_ids is None else eos_ids)
         device = self.target.device
         start = time.perf_counter()
-        rows = [self._new_row(p, s, start) for p, s in zip(prompts, seeds, strict=True)]
-        cache = SlotCache(len(prompts), max(map(len, prompts)) + max_new_tokens + self.k + 1)
+        rows = [
+            _Row(list(p), DecodeResult(tokens=[]), torch.Generator(device=device).manual_seed(s), start)
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+        width = max(map(len, prompts)) + max_new_tokens + self.k + 1
+        cache = SlotCache(len(prompts), width)
+        drafter = self._new_drafter([row.generator for row in rows]) if self.k else None
 
         features, logits = self._prefill(prompts, cache)
         keep = []
         for b, row in enumerate(rows):
             first, _ = pick(logits[b], self.temperature, self.top_p, row.generator)
-            if row.drafter is not None:
-                row.drafter.start(features[b, : len(prompts[b])])
             row.result.prefill_seconds = row.result.seconds = time.perf_counter() - start
             if not row.take([first], max_new_tokens, eos):
                 keep.append(b)
-        if keep and len(keep) < len(rows):
-            cache.select(torch.tensor(keep, device=device))
-        active = [rows[b] for b in keep]
+        if drafter is not None:
+            drafter.start([features[b, : len(p)] for b, p in enumerate(prompts)], width)
+        active = self._leave(rows, keep, cache, drafter)
         offsets = torch.arange(self.k + 1, device=device)
 
         while active:
-            drafted = []
-            for row in active:
-                t0 = time.perf_counter()
-                drafted.append(row.drafter.draft(row.ids) if self.k else ([], []))
-                row.result.draft_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            drafted = drafter.draft([row.ids for row in active]) if drafter else [([], [])] * len(active)
             t1 = time.perf_counter()
             # Verify: each row's pending token and drafts, at its own positions N_b − 1 .. N_b − 1 + K.
             lengths = torch.tensor([len(row.ids) for row in active], device=device)
@@ -119,7 +139,7 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
             )
             features, logits = self._verify(ids, cols, cache)
             target_ids = logits.argmax(-1).tolist() if self.temperature == 0 else None
-            keep = []
+            keep, verified = [], []
             for b, (row, (drafts, q_probs)) in enumerate(zip(active, drafted, strict=True)):
                 if target_ids is not None:
                     accepted, bonus = greedy_accept(drafts, target_ids[b])
@@ -127,30 +147,43 @@ class BatchedSpeculativeDecoder(SpeculativeDecoder):
                     accepted, bonus = accept(
                         drafts, q_probs, logits[b], self.temperature, self.top_p, row.generator
                     )
-                if row.drafter is not None:
-                    row.drafter.commit(features[b, : accepted + 1])
+                verified.append(features[b, : accepted + 1])
+                if self.k:
                     row.result.steps.append(StepStats(drafted=len(drafts), accepted=accepted))
                 if row.take([*drafts[:accepted], bonus], max_new_tokens, eos):
                     row.result.seconds = time.perf_counter() - row.start
                 else:
                     keep.append(b)
-            verify = time.perf_counter() - t1  # the batch's forward: every row waited for it
-            for row in active:
-                row.result.verify_seconds += verify
-            if len(keep) < len(active):
-                if keep:
-                    cache.select(torch.tensor(keep, device=device))
-                active = [active[b] for b in keep]
+            if drafter is not None:
+                drafter.commit(verified)
+            t2 = time.perf_counter()
+            for row in active:  # the batch's drafting and forward: every row waited for both
+                row.result.draft_seconds += t1 - t0
+                row.result.verify_seconds += t2 - t1
+            active = self._leave(active, keep, cache, drafter)
         return [row.result for row in rows]
 
     # ------------------------------------------------------------------ pieces
-    def _new_row(self, prompt: list[int], seed: int, start: float) -> _Row:
-        generator = torch.Generator(device=self.target.device).manual_seed(seed)
-        drafter = None
-        if self.head is not None:
-            row_pick = partial(pick, temperature=self.temperature, top_p=self.top_p, generator=generator)
-            drafter = self.head.make_drafter(self.k, self.draft_dtype, row_pick, self.temperature == 0)
-        return _Row(list(prompt), DecodeResult(tokens=[]), generator, drafter, start)
+    def _new_drafter(self, generators: list[torch.Generator]) -> BatchDrafter:
+        """The head's batched drafter, or one drafter per row; row b samples with generators[b]."""
+        picks = [
+            partial(pick, temperature=self.temperature, top_p=self.top_p, generator=g) for g in generators
+        ]
+        greedy = self.temperature == 0
+        batched = self.head.make_batch_drafter(self.k, self.draft_dtype, picks, greedy)
+        if batched is not None:
+            return batched
+        return PerRowDrafters([self.head.make_drafter(self.k, self.draft_dtype, p, greedy) for p in picks])
+
+    def _leave(
+        self, rows: list[_Row], keep: list[int], cache: SlotCache, drafter: BatchDrafter | None
+    ) -> list[_Row]:
+        """Rows `keep` stay in the batch; the others ended: drop them from the caches."""
+        if keep and len(keep) < len(rows):
+            cache.select(torch.tensor(keep, device=self.target.device))
+            if drafter is not None:
+                drafter.select(keep)
+        return [rows[b] for b in keep]
 
     def _forward(
         self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, cache: SlotCache

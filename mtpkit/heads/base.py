@@ -62,6 +62,22 @@ class Drafter(Protocol):
     def draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]: ...
 
 
+class BatchDrafter(Protocol):
+    """Drafting state of one head for B sequences at once (batched speculative decoding), for
+    families that can draft every row in one pass. Row b of each list is sequence b; `start`
+    also gets the most positions a row will reach, `select(rows)` keeps those rows only (in that
+    order: sequences that ended leave), and `draft` returns (drafts, probabilities) per row —
+    each exactly what the family's `Drafter` would return for that sequence alone."""
+
+    def start(self, features: list[torch.Tensor], width: int) -> None: ...
+
+    def commit(self, features: list[torch.Tensor]) -> None: ...
+
+    def draft(self, ids: list[list[int]]) -> list[tuple[list[int], list[torch.Tensor | None]]]: ...
+
+    def select(self, rows: list[int]) -> None: ...
+
+
 class DraftHead(nn.Module):
     """Base of every head family. Subclasses set `head_type`, build their modules in `__init__`
     (after `super().__init__(target, cfg)`) and implement `forward_train` and `make_drafter`."""
@@ -179,6 +195,13 @@ class DraftHead(nn.Module):
 
     def make_drafter(self, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True) -> Drafter:
         raise NotImplementedError
+
+    def make_batch_drafter(
+        self, k: int, dtype: torch.dtype, picks: list[Pick], greedy: bool = True
+    ) -> BatchDrafter | None:
+        """A drafter for len(picks) sequences at once (row b samples with picks[b]), or None: the
+        batched engine then runs one `make_drafter` drafter per row."""
+        return None
 
     def configure_inference(self, **options: Any) -> None:
         """Set inference-time options (e.g. a diffusion head's denoising steps)."""
