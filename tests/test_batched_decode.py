@@ -129,18 +129,27 @@ def test_k0_is_plain_batched_decoding(name):
     assert len({len(w) for w in want}) > 1 and all(r.steps == [] for r in got)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-deepseek_v3"])
-@pytest.mark.parametrize("depths", [1, 2])
-def test_mtp_batch_drafter_drafts_what_the_batch1_drafter_drafts(name, depths):
-    """MTPBatchDrafter against one MTPDrafter per row through scripted steps: ragged accepted
-    counts (0..K, drawn at random), prompts of different lengths, rows leaving the batch —
-    every row's drafts equal at every step (their caches hold the same committed rows)."""
+@pytest.mark.parametrize(
+    "name, family, fields",
+    [
+        ("tiny-llama", "mtp", {"num_depths": 1}),
+        ("tiny-llama", "mtp", {"num_depths": 2}),
+        ("tiny-deepseek_v3", "mtp", {"num_depths": 1}),
+        ("tiny-deepseek_v3", "mtp", {"num_depths": 2}),
+        ("tiny-llama", "eagle3", {"layers": [0, 1, 2]}),
+        ("tiny-qwen2", "eagle3", {"layers": [0, 1, 2]}),
+    ],
+)
+def test_batch_drafters_draft_what_the_batch1_drafters_draft(name, family, fields):
+    """A family's BatchDrafter (MTP: Llama and DeepSeek-V3 blocks; EAGLE-3) against one Drafter
+    per row through scripted steps: ragged accepted counts (0..K, drawn at random), prompts of
+    different lengths, rows leaving the batch — every row's drafts equal at every step."""
     target = load_target(name)
     torch.manual_seed(0)
-    head = build_head(target, "mtp", {"num_depths": depths})
+    head = build_head(target, family, fields)
     k, g = 3, torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (30, 21, 40, 26)]
-    feats = [target.hidden_states(torch.tensor([s]))[0] for s in seqs]
+    feats = [target.hidden_states(torch.tensor([s]), None, head.feature_layers)[0] for s in seqs]
     plens = [4, 9, 2, 6]
 
     def greedy(logits):
