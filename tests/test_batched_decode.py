@@ -138,10 +138,11 @@ def test_k0_is_plain_batched_decoding(name):
         ("tiny-deepseek_v3", "mtp", {"num_depths": 2}),
         ("tiny-llama", "eagle3", {"layers": [0, 1, 2]}),
         ("tiny-qwen2", "eagle3", {"layers": [0, 1, 2]}),
+        ("tiny-llama", "medusa", {"num_heads": 3}),
     ],
 )
 def test_batch_drafters_draft_what_the_batch1_drafters_draft(name, family, fields):
-    """A family's BatchDrafter (MTP: Llama and DeepSeek-V3 blocks; EAGLE-3) against one Drafter
+    """A family's BatchDrafter (MTP: Llama and DeepSeek-V3 blocks; EAGLE-3; Medusa) against one Drafter
     per row through scripted steps: ragged accepted counts (0..K, drawn at random), prompts of
     different lengths, rows leaving the batch — every row's drafts equal at every step."""
     target = load_target(name)
@@ -178,10 +179,11 @@ def test_batch_drafters_draft_what_the_batch1_drafters_draft(name, family, field
     assert steps >= 8
 
 
-def test_sampled_rows_depend_on_their_seed_not_on_the_batch(trained, tiny_llama, prompts):
-    """A sampling row draws the same random numbers as the batch-1 engine with its seed, so it
-    produces the same tokens whatever rows share its batch."""
-    head = trained["mtp"]
+@pytest.mark.parametrize("name", list(HEADS))
+def test_sampled_rows_depend_on_their_seed_not_on_the_batch(trained, tiny_llama, prompts, name):
+    """A sampling row draws the same random numbers as the batch-1 engine with its seed (drafts
+    and acceptance alike), so it produces the same tokens whatever rows share its batch."""
+    head = trained[name]
     kw = dict(k=2, temperature=0.8, top_p=0.9)
     seeds = [11, 12, 13, 14, 15]
     single = [
