@@ -139,11 +139,12 @@ def test_k0_is_plain_batched_decoding(name):
         ("tiny-llama", "eagle3", {"layers": [0, 1, 2]}),
         ("tiny-qwen2", "eagle3", {"layers": [0, 1, 2]}),
         ("tiny-llama", "medusa", {"num_heads": 3}),
+        ("tiny-llama", "diffusion", {"block_length": 4, "denoising_steps": 2}),
     ],
 )
 def test_batch_drafters_draft_what_the_batch1_drafters_draft(name, family, fields):
-    """A family's BatchDrafter (MTP: Llama and DeepSeek-V3 blocks; EAGLE-3; Medusa) against one Drafter
-    per row through scripted steps: ragged accepted counts (0..K, drawn at random), prompts of
+    """Every family's BatchDrafter (MTP on Llama and DeepSeek-V3 blocks) against one Drafter per
+    row through scripted steps: ragged accepted counts (0..K, drawn at random), prompts of
     different lengths, rows leaving the batch — every row's drafts equal at every step."""
     target = load_target(name)
     torch.manual_seed(0)

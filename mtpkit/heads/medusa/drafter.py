@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mtpkit.heads.base import Pick
-from mtpkit.heads.common import LastRowState
+from mtpkit.heads.common import LastRowsState, LastRowState
 
 
 class MedusaDrafter(LastRowState):
@@ -21,22 +21,12 @@ class MedusaDrafter(LastRowState):
         return [t for t, _ in picks], [p for _, p in picks]
 
 
-class MedusaBatchDrafter:
+class MedusaBatchDrafter(LastRowsState):
     """`MedusaDrafter` for B sequences at once: each head on every row's h_{N−2} in one product."""
 
     def __init__(self, head, k: int, dtype: torch.dtype, picks: list[Pick], greedy: bool = True):
         self.head, self.k, self.dtype, self.picks, self.greedy = head, k, dtype, list(picks), greedy
         self.lm = [head.output_layers(j)[0].weight.detach().to(dtype) for j in range(1, k + 1)]
-
-    def start(self, features: list[torch.Tensor], width: int) -> None:
-        self.commit(features)
-
-    def commit(self, features: list[torch.Tensor]) -> None:
-        self.last = torch.stack([f[-1, 0] for f in features]).to(self.dtype)
-
-    def select(self, rows: list[int]) -> None:
-        self.last = self.last[torch.tensor(rows, device=self.last.device)]
-        self.picks = [self.picks[b] for b in rows]
 
     def draft(self, ids: list[list[int]]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
         logits = [F.linear(self.head.blocks[j](self.last), self.lm[j]) for j in range(self.k)]  # [B, V] each
