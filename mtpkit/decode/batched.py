@@ -1,7 +1,7 @@
 """Batched speculative decoding: B sequences at once, each accepting its own number of drafts.
 
-Every step each row's Drafter (one per row, made by `head.make_drafter`) drafts K tokens, and
-the target verifies all B × (K + 1) rows in one forward. Rows keep their own lengths: row b with
+Every step the head's `BatchDrafter` (`head.make_batch_drafter`; else one `Drafter` per row)
+drafts K tokens for every row, and the target verifies all B × (K + 1) rows in one forward. Rows keep their own lengths: row b with
 N_b verified tokens writes its K + 1 keys/values at cache columns N_b − 1 .. N_b − 1 + K (column =
 position), and after accepting a_b drafts it holds N_b + a_b columns — the rejected columns are
 simply overwritten by its next step, as vLLM reuses the slots of rejected tokens (a request's

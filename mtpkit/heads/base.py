@@ -1,7 +1,7 @@
 """The one interface every draft-head family implements, and what a family registers.
 
 The trainer, the losses, the decoding engine, the exporters and joint training use a head only
-through `DraftHead` (and its family's `Drafter`); none of them probes a head for optional
+through `DraftHead` (and its family's `Drafter`, or `BatchDrafter` for many sequences); none of them probes a head for optional
 attributes or reaches into its private state. A family with nothing to add for a hook inherits
 the default, which is what an MTP-style head on the target's final hidden state needs.
 """
