@@ -1,5 +1,6 @@
 """Decode-loop costs on the embedded model: plain tokens/s per cache kind and dtype beside HF
-`generate()`, verification of 1..5 rows, one draft step per head family, and the break-even τ.
+`generate()`, verification of 1..5 rows, one draft step per head family, the break-even τ, and
+tokens/s of batched plain and speculative decoding at batch 1, 4, 16 (`--batches`).
 
     .venv/bin/python benchmarks/decode_speed.py                 # ~5 min on 2 cores
     .venv/bin/python benchmarks/decode_speed.py --tokens 32     # quicker
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 
 from mtpkit.data import chat
-from mtpkit.data.prompts import Prompt
+from mtpkit.data.prompts import Prompt, load_prompts
+from mtpkit.decode.batched import BatchedSpeculativeDecoder
 from mtpkit.decode.engine import SpeculativeDecoder
-from mtpkit.heads import build_head
+from mtpkit.heads import build_head, load_head
 from mtpkit.models import EMBEDDED_ALIAS, load_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,11 +86,39 @@ def draft_ms(target, ids: list[int], k: int, tokens: int, repeats: int) -> dict[
     return out
 
 
+def batched_rates(target, head, k: int, tokens: int, batches: list[int], repeats: int) -> dict:
+    """Generated tokens/s (prefill included) of `generate_batch` over B builtin prompts, plain
+    (K = 0) and speculative with `head` (bf16 drafts), with the speculative rows' τ."""
+    prompts = [chat.start(target.tokenizer, p).ids for p in load_prompts(["builtin"])]
+    out: dict = {"plain": {}, "speculative": {}, "tau": {}}
+    plain = BatchedSpeculativeDecoder(target, None, k=0)
+    spec = BatchedSpeculativeDecoder(target, head, k=k, draft_dtype=torch.bfloat16)
+    for b in batches:
+        rows = [prompts[i % len(prompts)] for i in range(b)]
+        times: dict[str, list[float]] = {"plain": [], "speculative": []}
+        for _ in range(repeats):
+            for name, dec in (("plain", plain), ("speculative", spec)):
+                start = time.perf_counter()
+                results = dec.generate_batch(rows, tokens, eos_ids=[])
+                times[name].append((time.perf_counter() - start) / sum(len(r.tokens) for r in results))
+        steps = [s for r in results for s in r.steps]
+        out["tau"][b] = 1 + sum(s.accepted for s in steps) / max(len(steps), 1)
+        for name, t in times.items():
+            out[name][b] = 1 / statistics.median(t)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64, help="new tokens per plain decode")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--k", type=int, default=3, help="draft tokens per step for the draft costs")
+    p.add_argument(
+        "--batches", type=int, nargs="*", default=[1, 4, 16], help="batch sizes of batched decoding"
+    )
+    p.add_argument(
+        "--head", type=Path, help="a trained head for batched speculative decoding (default: random MTP)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_speed.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -106,6 +136,8 @@ def main() -> None:
         rates = plain_rates(target, ids, args.tokens, args.repeats)
         verify = verify_ms(target, ids, [1, 2, 3, 4, 5], args.repeats * 4)
         drafts = draft_ms(target, ids, args.k, args.tokens // 2, args.repeats)
+        head = load_head(args.head, target) if args.head else build_head(target, "mtp", HEADS["mtp"])
+        batched = batched_rates(target, head, args.k, args.tokens // 2, args.batches, args.repeats)
         plain_ms = 1000 / rates["engine_static"]
         step = {name: drafts[name] + verify[args.k + 1] for name in drafts}
         results["dtypes"][dtype] = {
@@ -120,6 +152,7 @@ def main() -> None:
             "step_vs_plain": {name: ms / plain_ms for name, ms in step.items()},
             # A step yields τ tokens; it pays off once τ > step cost / plain-token cost.
             "break_even_tau": {name: ms / plain_ms for name, ms in step.items()},
+            "batched_tokens_per_s": batched,
         }
         del target
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +180,12 @@ def main() -> None:
             print(
                 f"| {name} | {r['draft_ms_k'][name]:.1f} | {r['step_ms_k'][name]:.1f} | {r['break_even_tau'][name]:.2f} |"
             )
+        b = r["batched_tokens_per_s"]
+        print(
+            f"| batch | plain tokens/s | speculative tokens/s (K = {args.k}) | τ |\n| --- | --- | --- | --- |"
+        )
+        for n in b["plain"]:
+            print(f"| {n} | {b['plain'][n]:.1f} | {b['speculative'][n]:.1f} | {b['tau'][n]:.2f} |")
     print(f"\nwrote {args.out}")
 
 

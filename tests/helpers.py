@@ -165,3 +165,46 @@ def collect_tiny(out, target, **fields):
 
     base = dict(model="tiny-llama", prompts=["builtin"], out=str(out), max_new_tokens=8, progress=False)
     return collect(CollectConfig(**{**base, **fields}), target)
+
+
+def second_token_marginal(target, ids: list[int], temperature: float, top_p: float) -> torch.Tensor:
+    """The target's marginal of the second sampled token, Σ_t1 p(t1 | ids) p(t2 | ids, t1), under
+    the engine's temperature / top-p processing (what a sampled decode's `tokens[1]` follows)."""
+    from mtpkit.decode.engine import _process
+
+    with torch.no_grad():
+        p1 = _process(target.model(torch.tensor([ids])).logits[0, -1], temperature, top_p).double()
+        support = p1.nonzero().flatten().tolist()
+        batch = torch.tensor([[*ids, t1] for t1 in support])
+        p2 = _process(target.model(batch).logits[:, -1], temperature, top_p).double()
+    return (p1[support, None] * p2).sum(0)
+
+
+def assert_follows(counts, marginal: torch.Tensor, runs: int) -> None:
+    """Chi-square: `counts` (token → count over `runs` samples) follow `marginal`, tokens with
+    an expected count under 5 pooled into one bin; nothing outside the support is drawn."""
+    from scipy.stats import chisquare
+
+    assert all(counts[t] == 0 for t in counts if marginal[t] == 0)  # nothing outside top-p
+    bins = [t for t in range(len(marginal)) if marginal[t] * runs >= 5]
+    observed = [counts[t] for t in bins] + [runs - sum(counts[t] for t in bins)]
+    expected = [float(marginal[t]) * runs for t in bins] + [runs * (1 - float(marginal[bins].sum()))]
+    if expected[-1] < 1e-6:
+        observed, expected = observed[:-1], expected[:-1]
+    expected = [e * sum(observed) / sum(expected) for e in expected]  # exact totals for scipy
+    assert len(bins) >= 3
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def hot_target_drafts(target, seq: list[int], k: int, generator) -> tuple[list[int], list[torch.Tensor]]:
+    """K drafts sampled from the target itself at temperature 1.5 (a proposal that overlaps the
+    target, so rejection sampling both accepts and resamples), with their probabilities."""
+    from mtpkit.decode.engine import _process
+
+    drafts, probs = [], []
+    for _ in range(k):
+        with torch.no_grad():
+            q = _process(target.model(torch.tensor([seq + drafts])).logits[0, -1], 1.5, 1.0)
+        drafts.append(int(torch.multinomial(q, 1, generator=generator)))
+        probs.append(q)
+    return drafts, probs

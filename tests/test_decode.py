@@ -5,7 +5,13 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import decode_with_draft_trace, shared_prompts
+from helpers import (
+    assert_follows,
+    decode_with_draft_trace,
+    hot_target_drafts,
+    second_token_marginal,
+    shared_prompts,
+)
 from scipy.stats import chisquare
 
 from mtpkit.config import from_dict
@@ -157,21 +163,10 @@ def test_sampled_speculative_decoding_matches_the_target_distribution(monkeypatc
     head = build_head(target, "mtp", {"num_depths": 1, "train_depths": 2})
     ids = _prompt(target, "Hi")
     temperature, top_p = 0.7, 0.9
-    with torch.no_grad():
-        p1 = _process(target.model(torch.tensor([ids])).logits[0, -1], temperature, top_p).double()
-        support = p1.nonzero().flatten().tolist()
-        batch = torch.tensor([[*ids, t1] for t1 in support])
-        p2 = _process(target.model(batch).logits[:, -1], temperature, top_p).double()
-    marginal = (p1[support, None] * p2).sum(0)
+    marginal = second_token_marginal(target, ids, temperature, top_p)
 
     def draft_from_hot_target(self, seq):
-        drafts, probs = [], []
-        for _ in range(self.k):
-            with torch.no_grad():
-                q = _process(target.model(torch.tensor([seq + drafts])).logits[0, -1], 1.5, 1.0)
-            drafts.append(int(torch.multinomial(q, 1, generator=self.generator)))
-            probs.append(q)
-        return drafts, probs
+        return hot_target_drafts(target, seq, self.k, self.generator)
 
     monkeypatch.setattr(SpeculativeDecoder, "_draft", draft_from_hot_target)
     runs = 1500
@@ -183,15 +178,7 @@ def test_sampled_speculative_decoding_matches_the_target_distribution(monkeypatc
         counts[out.tokens[1]] += 1
         accepted += out.steps[0].accepted > 0
     assert 0 < accepted < runs  # both paths of the rejection sampler were taken
-    assert all(counts[t] == 0 for t in counts if marginal[t] == 0)  # nothing outside top-p
-    bins = [t for t in range(len(marginal)) if marginal[t] * runs >= 5]
-    observed = [counts[t] for t in bins] + [runs - sum(counts[t] for t in bins)]
-    expected = [float(marginal[t]) * runs for t in bins] + [runs * (1 - float(marginal[bins].sum()))]
-    if expected[-1] < 1e-6:
-        observed, expected = observed[:-1], expected[:-1]
-    expected = [e * sum(observed) / sum(expected) for e in expected]  # exact totals for scipy
-    assert len(bins) >= 3
-    assert chisquare(observed, expected).pvalue > 1e-3
+    assert_follows(counts, marginal, runs)
 
 
 def test_eval_report(trained, tmp_path, tiny_llama):

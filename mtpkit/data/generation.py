@@ -49,8 +49,21 @@ class SlotCache:
         self._rows, self._cols = rows, None
 
     def decode(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        self._rows, self._cols = rows, cols
+        """New keys/values of `rows` go to columns `cols`: [n] (one token per row) or [n, Q]
+        (Q tokens per row, as speculative verification writes them)."""
+        self._rows, self._cols = rows, cols if cols.dim() == 2 else cols[:, None]
         self._span = int(cols.max()) + 1
+
+    @property
+    def span(self) -> int:
+        """Columns the current decode step attends over (its largest column + 1)."""
+        return self._span
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep slots `rows` only, in that order (rows that finished leave the batch)."""
+        self.keys = [t[rows] for t in self.keys]
+        self.values = [t[rows] for t in self.values]
+        self.slots = len(rows)
 
     def grow(self, width: int) -> None:
         """Widen every row (a later turn of a conversation can be longer than the first prompts)."""
@@ -76,8 +89,8 @@ class SlotCache:
             keys[rows, :, :n] = key_states
             values[rows, :, :n] = value_states
             return key_states, value_states
-        keys[rows, :, self._cols] = key_states[:, :, 0]
-        values[rows, :, self._cols] = value_states[:, :, 0]
+        keys[rows[:, None], :, self._cols] = key_states.transpose(1, 2)  # [n, Q, heads, dim]
+        values[rows[:, None], :, self._cols] = value_states.transpose(1, 2)
         span = self._span
         if len(rows) == self.slots:  # every slot active (the usual case): a view, no copy
             return keys[:, :, :span], values[:, :, :span]

@@ -61,6 +61,51 @@ def _process(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Te
     return probs
 
 
+def pick(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[int, torch.Tensor | None]:
+    """A token from `logits` [V]: the argmax when greedy, else a sample with the probabilities
+    it was drawn from (the drafters' `Pick`, bound to one sequence's generator)."""
+    if temperature == 0:
+        return int(logits.argmax(-1)), None
+    probs = _process(logits, temperature, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator)), probs
+
+
+def greedy_accept(drafts: list[int], target_ids: list[int]) -> tuple[int, int]:
+    """The longest prefix of `drafts` equal to the target's argmax `target_ids` [K + 1], and the
+    target's token after it (the bonus)."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == target_ids[accepted]:
+        accepted += 1
+    return accepted, target_ids[accepted]
+
+
+def accept(
+    drafts: list[int],
+    q_probs: list[torch.Tensor | None],
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """Number of accepted drafts and the bonus token, from the target's `logits` [K + 1, V] at
+    the pending token and the drafts: greedy keeps the longest prefix equal to the argmax;
+    sampling accepts draft j with min(1, p/q), else resamples from norm((p − q)+)."""
+    if temperature == 0:
+        return greedy_accept(drafts, logits.argmax(-1).tolist())
+    for j, (d, q) in enumerate(zip(drafts, q_probs, strict=True)):
+        p = _process(logits[j], temperature, top_p)
+        if torch.rand((), generator=generator, device=generator.device) < torch.clamp(p[d] / q[d], max=1.0):
+            continue
+        residual = torch.clamp(p - q, min=0)
+        if residual.sum() <= 0:  # p == q: any sample from p is exact
+            residual = p
+        return j, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    p = _process(logits[len(drafts)], temperature, top_p)
+    return len(drafts), int(torch.multinomial(p, 1, generator=generator))
+
+
 class SpeculativeDecoder:
     """Chain drafting with a trained head; K = 0 is plain KV-cache decoding (same code path)."""
 
@@ -103,10 +148,7 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ sampling helpers
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if self.temperature == 0:
-            return int(logits.argmax(-1)), None
-        probs = _process(logits, self.temperature, self.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+        return pick(logits, self.temperature, self.top_p, self.generator)
 
     # ------------------------------------------------------------------ target
     def _new_cache(self, length: int):
@@ -137,10 +179,7 @@ class SpeculativeDecoder:
         return self.drafter.draft(ids)
 
     # ------------------------------------------------------------------ decode
-    @torch.no_grad()
-    def generate(
-        self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None
-    ) -> DecodeResult:
+    def _check_prompt(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
             raise DecodeError("empty prompt")
         if (
@@ -151,6 +190,12 @@ class SpeculativeDecoder:
                 f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the target's context "
                 f"of {self.max_positions} positions"
             )
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int] | None = None
+    ) -> DecodeResult:
+        self._check_prompt(prompt_ids, max_new_tokens)
         eos = set(self.target.eos_token_ids if eos_ids is None else eos_ids)
         start = time.perf_counter()
         result = DecodeResult(tokens=[])
@@ -189,19 +234,4 @@ class SpeculativeDecoder:
 
     def _accept(self, drafts: list[int], q_probs, logits: torch.Tensor) -> tuple[int, int]:
         """Number of accepted drafts and the bonus token (target's pick at the first mismatch)."""
-        if self.temperature == 0:
-            target_ids = logits.argmax(-1).tolist()
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == target_ids[accepted]:
-                accepted += 1
-            return accepted, target_ids[accepted]
-        for j, (d, q) in enumerate(zip(drafts, q_probs, strict=True)):
-            p = _process(logits[j], self.temperature, self.top_p)
-            if torch.rand((), generator=self.generator) < torch.clamp(p[d] / q[d], max=1.0):
-                continue
-            residual = torch.clamp(p - q, min=0)
-            if residual.sum() <= 0:  # p == q: any sample from p is exact
-                residual = p
-            return j, int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
-        p = _process(logits[len(drafts)], self.temperature, self.top_p)
-        return len(drafts), int(torch.multinomial(p, 1, generator=self.generator))
+        return accept(drafts, q_probs, logits, self.temperature, self.top_p, self.generator)

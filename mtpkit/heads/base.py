@@ -1,7 +1,7 @@
 """The one interface every draft-head family implements, and what a family registers.
 
 The trainer, the losses, the decoding engine, the exporters and joint training use a head only
-through `DraftHead` (and its family's `Drafter`); none of them probes a head for optional
+through `DraftHead` (and its family's `Drafter`, or `BatchDrafter` for many sequences); none of them probes a head for optional
 attributes or reaches into its private state. A family with nothing to add for a hook inherits
 the default, which is what an MTP-style head on the target's final hidden state needs.
 """
@@ -60,6 +60,22 @@ class Drafter(Protocol):
     def commit(self, features: torch.Tensor) -> None: ...
 
     def draft(self, ids: list[int]) -> tuple[list[int], list[torch.Tensor | None]]: ...
+
+
+class BatchDrafter(Protocol):
+    """Drafting state of one head for B sequences at once (batched speculative decoding), for
+    families that can draft every row in one pass. Row b of each list is sequence b; `start`
+    also gets the most positions a row will reach, `select(rows)` keeps those rows only (in that
+    order: sequences that ended leave), and `draft` returns (drafts, probabilities) per row —
+    each exactly what the family's `Drafter` would return for that sequence alone."""
+
+    def start(self, features: list[torch.Tensor], width: int) -> None: ...
+
+    def commit(self, features: list[torch.Tensor]) -> None: ...
+
+    def draft(self, ids: list[list[int]]) -> list[tuple[list[int], list[torch.Tensor | None]]]: ...
+
+    def select(self, rows: list[int]) -> None: ...
 
 
 class DraftHead(nn.Module):
@@ -179,6 +195,13 @@ class DraftHead(nn.Module):
 
     def make_drafter(self, k: int, dtype: torch.dtype, pick: Pick, greedy: bool = True) -> Drafter:
         raise NotImplementedError
+
+    def make_batch_drafter(
+        self, k: int, dtype: torch.dtype, picks: list[Pick], greedy: bool = True
+    ) -> BatchDrafter | None:
+        """A drafter for len(picks) sequences at once (row b samples with picks[b]), or None: the
+        batched engine then runs one `make_drafter` drafter per row."""
+        return None
 
     def configure_inference(self, **options: Any) -> None:
         """Set inference-time options (e.g. a diffusion head's denoising steps)."""

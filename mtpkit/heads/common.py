@@ -85,3 +85,17 @@ class LastRowState:
         self.last = features[-1, 0].to(self.dtype)
 
     commit = start
+
+
+class LastRowsState:
+    """Batch drafters that condition only on each row's last processed row (h_{N−2})."""
+
+    def start(self, features: list[torch.Tensor], width: int) -> None:
+        self.commit(features)
+
+    def commit(self, features: list[torch.Tensor]) -> None:
+        self.last = torch.stack([f[-1, 0] for f in features]).to(self.dtype)
+
+    def select(self, rows: list[int]) -> None:
+        self.last = self.last[torch.tensor(rows, device=self.last.device)]
+        self.picks = [self.picks[b] for b in rows]

@@ -1,10 +1,12 @@
 """`mtpkit rl`: GRPO with the DAPO refinements, training the MTP head online on the rollouts.
 
 One step:
-  1. rollouts — G completions for each of B prompts, from mtpkit's own `SpeculativeDecoder`:
-     with `rollout.enable_rollout` the current MTP head drafts and the policy verifies (lossless
-     rejection sampling at the rollout temperature; τ and per-position acceptance are logged, so
-     the head's drift from the policy is visible), otherwise plain sampling on the same engine;
+  1. rollouts — G completions for each of B prompts, from mtpkit's own batched engine
+     (`BatchedSpeculativeDecoder`, `rollout.batch_size` sequences at once, each accepting its
+     own number of drafts): with `rollout.enable_rollout` the current MTP head drafts and the
+     policy verifies (lossless rejection sampling at the rollout temperature; τ and per-position
+     acceptance are logged, so the head's drift from the policy is visible), otherwise plain
+     batched sampling on the same path;
   2. rewards — the verifiers plus DAPO's soft overlong punishment (eq. 13);
   3. dynamic sampling — groups whose rewards are all equal carry no advantage; they are dropped
      and new prompts are sampled until B groups remain (at most `max_sample_rounds` rounds);
@@ -37,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mtpkit.config import Checked, check_fields, checked, to_dict
 from mtpkit.data import chat
-from mtpkit.decode.engine import SpeculativeDecoder
+from mtpkit.decode.batched import BatchedSpeculativeDecoder
 from mtpkit.decode.metrics import AcceptanceStats
 from mtpkit.errors import MtpkitError
 from mtpkit.joint.data import RLPrompt, load_rl_prompts
@@ -82,6 +84,7 @@ class RolloutConfig(Checked):
     temperature: float = checked(1.0, ge=0)
     top_p: float = checked(1.0, gt=0, le=1)
     max_new_tokens: int = checked(256, ge=1)  # L_max
+    batch_size: int = checked(16, ge=1)  # sequences decoded together (plain and speculative alike)
 
 
 @dataclass
@@ -208,13 +211,15 @@ class Completion:
 def generate_rollouts(
     target: Target, head, prompt_ids: list[list[int]], cfg: RolloutConfig, seed: int
 ) -> tuple[list[Completion], AcceptanceStats, float]:
-    """Sample one completion per prompt with mtpkit's engine; speculative when `head` is given.
+    """Sample one completion per prompt with mtpkit's batched engine, `cfg.batch_size` prompts at
+    a time; speculative when `head` is given. Each row samples from a seed of its own drawn from
+    `seed`, so a completion does not depend on the batch size.
 
     Returns the completions, the acceptance of the drafts (empty without a head) and seconds.
     """
     was_training = target.model.training
     target.model.eval()
-    decoder = SpeculativeDecoder(
+    decoder = BatchedSpeculativeDecoder(
         target,
         head,
         k=cfg.k if head is not None else 0,
@@ -226,12 +231,13 @@ def generate_rollouts(
     acc = AcceptanceStats(k=cfg.k if head is not None else 0)
     out, start = [], time.perf_counter()
     try:
-        for ids in prompt_ids:
-            result = decoder.generate(ids, cfg.max_new_tokens)
-            for s in result.steps:
-                acc.add(s.drafted, s.accepted)
-            truncated = not result.tokens or result.tokens[-1] not in eos
-            out.append(Completion(list(ids), result.tokens, truncated))
+        for b in range(0, len(prompt_ids), cfg.batch_size):
+            batch = prompt_ids[b : b + cfg.batch_size]
+            for ids, result in zip(batch, decoder.generate_batch(batch, cfg.max_new_tokens), strict=True):
+                for s in result.steps:
+                    acc.add(s.drafted, s.accepted)
+                truncated = not result.tokens or result.tokens[-1] not in eos
+                out.append(Completion(list(ids), result.tokens, truncated))
     finally:
         if head is not None:
             head.train()

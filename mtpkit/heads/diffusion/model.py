@@ -37,7 +37,7 @@ from torch import nn
 
 from mtpkit.heads.base import DepthOutputs, DraftHead
 from mtpkit.heads.common import attention_mask, init_from_target
-from mtpkit.heads.diffusion.drafter import DiffusionDrafter
+from mtpkit.heads.diffusion.drafter import DiffusionBatchDrafter, DiffusionDrafter
 from mtpkit.models import Target
 
 SCHEDULERS = ("linear", "cosine", "kappa")
@@ -258,3 +258,6 @@ class DiffusionHead(DraftHead):
 
     def make_drafter(self, k, dtype, pick, greedy=True) -> DiffusionDrafter:
         return DiffusionDrafter(self, k, dtype, pick, greedy)
+
+    def make_batch_drafter(self, k, dtype, picks, greedy=True) -> DiffusionBatchDrafter:
+        return DiffusionBatchDrafter(self, k, dtype, picks, greedy)

@@ -45,7 +45,7 @@ from mtpkit.heads.common import (
     passthrough_gain,
     zero_residual_writes,
 )
-from mtpkit.heads.eagle3.drafter import Eagle3Drafter
+from mtpkit.heads.eagle3.drafter import Eagle3BatchDrafter, Eagle3Drafter
 from mtpkit.models import Target
 
 DEFAULT_DRAFT_VOCAB = 8192
@@ -257,6 +257,9 @@ class Eagle3Head(DraftHead):
 
     def make_drafter(self, k, dtype, pick, greedy=True) -> Eagle3Drafter:
         return Eagle3Drafter(self, k, dtype, pick, greedy)
+
+    def make_batch_drafter(self, k, dtype, picks, greedy=True) -> Eagle3BatchDrafter:
+        return Eagle3BatchDrafter(self, k, dtype, picks, greedy)
 
     def describe(self) -> dict:
         return {**super().describe(), "draft_vocab_size": self.draft_vocab_size}

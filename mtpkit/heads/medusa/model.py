@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mtpkit.heads.base import DraftHead
-from mtpkit.heads.medusa.drafter import MedusaDrafter
+from mtpkit.heads.medusa.drafter import MedusaBatchDrafter, MedusaDrafter
 from mtpkit.models import Target
 
 
@@ -93,3 +93,6 @@ class MedusaHead(DraftHead):
 
     def make_drafter(self, k, dtype, pick, greedy=True) -> MedusaDrafter:
         return MedusaDrafter(self, k, dtype, pick, greedy)
+
+    def make_batch_drafter(self, k, dtype, picks, greedy=True) -> MedusaBatchDrafter:
+        return MedusaBatchDrafter(self, k, dtype, picks, greedy)

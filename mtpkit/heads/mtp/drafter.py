@@ -1,4 +1,4 @@
-"""Drafting with chained MTP depths (batch size 1): one exact cache per depth."""
+"""Drafting with chained MTP depths: one exact cache per depth, for one sequence or a batch."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from mtpkit.data.generation import SlotCache
 from mtpkit.heads.base import Pick
-from mtpkit.heads.common import truncate
+from mtpkit.heads.common import attention_mask, truncate
 
 
 class MTPDrafter:
@@ -84,3 +85,94 @@ class MTPDrafter:
             drafts.append(token)
             probs.append(p)
         return drafts, probs
+
+
+class _AsLayerZero:
+    """One depth's `SlotCache`, written by its block (layer id L + d) as the cache's only layer."""
+
+    def __init__(self, cache: SlotCache):
+        self.cache = cache
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.cache.update(key_states, value_states, 0, *args, **kwargs)
+
+
+class MTPBatchDrafter:
+    """`MTPDrafter` for B sequences at once: per depth one forward over every row's pending rows.
+
+    Depth k of sequence b holds committed rows 0..c_b − 1 (every input verified) in a cache
+    with one row per sequence (`SlotCache`); a step runs rows c_b..N_b − 2 on top of it in one
+    pass — the committed ones and those reading this step's drafts alike — and then sets
+    c_b = max(N_b − k, 0). The rows past c_b are not cropped: the next step writes them again
+    before anything attends to them (each query sees the columns up to its own position only).
+    Outputs per depth are kept in [B, width, H] buffers, depth 0 being the target's states.
+    The drafts of a row are those `MTPDrafter` makes for that sequence alone.
+    """
+
+    def __init__(self, head, k: int, dtype: torch.dtype, picks: list[Pick], greedy: bool = True):
+        self.head, self.k, self.dtype, self.picks, self.greedy = head, k, dtype, list(picks), greedy
+        self.lm_weight = head.lm_head.weight.detach().to(dtype)
+        self.lm_bias = None if head.lm_head.bias is None else head.lm_head.bias.detach().to(dtype)
+
+    def start(self, features: list[torch.Tensor], width: int) -> None:
+        B, H, device = len(features), features[0].shape[-1], features[0].device
+        # Q ≤ 2K rows per depth and step (K + 1 new tokens, K − 1 rows left over): room for them.
+        width += 2 * self.k + 2
+        self.outs = [torch.zeros(B, width, H, dtype=self.dtype, device=device) for _ in range(self.k + 1)]
+        self.filled = [0] * B  # target states held per row (rows 0..N_b − 2)
+        self.committed = [[0] * B for _ in range(self.k + 1)]
+        self.caches = [_AsLayerZero(SlotCache(B, width)) for _ in range(self.k)]
+        self.commit(features)
+
+    def commit(self, features: list[torch.Tensor]) -> None:
+        for b, f in enumerate(features):
+            self.outs[0][b, self.filled[b] : self.filled[b] + len(f)] = f[:, 0].to(self.dtype)
+            self.filled[b] += len(f)
+
+    def select(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.outs[0].device)
+        self.outs = [o[index] for o in self.outs]
+        for c in self.caches:
+            c.cache.select(index)
+        self.filled = [self.filled[b] for b in rows]
+        self.committed = [[c[b] for b in rows] for c in self.committed]
+        self.picks = [self.picks[b] for b in rows]
+
+    def draft(self, ids: list[list[int]]) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+        head, device = self.head, self.outs[0].device
+        B, N = len(ids), [len(x) for x in ids]
+        rows = torch.arange(B, device=device)[:, None]
+        drafts: list[list[int]] = [[] for _ in ids]
+        probs: list[list[torch.Tensor | None]] = [[] for _ in ids]
+        for k in range(1, self.k + 1):
+            module = head.module_for_step(k - 1)
+            c = self.committed[k]
+            q = torch.tensor([N[b] - 1 - c[b] for b in range(B)], device=device)  # rows c_b..N_b − 2
+            Q = int(q.max())
+            pos = torch.tensor(c, device=device)[:, None] + torch.arange(Q, device=device)
+            valid = torch.arange(Q, device=device)[None] < q[:, None]
+            tokens = [(ids[b] + drafts[b])[c[b] + k : N[b] - 1 + k] for b in range(B)]
+            tokens = torch.tensor([t + [0] * (Q - len(t)) for t in tokens], device=device)
+            embeds = head.embed_tokens(tokens).to(self.dtype)
+            if head.cfg.zero_first_embedding:
+                embeds[pos == 0] = 0  # as in training (and vLLM)
+            prev = self.outs[k - 1][rows, pos]  # padded queries read rows no valid query needs
+            cache = self.caches[k - 1]
+            cache.cache.decode(rows[:, 0], pos)
+            allowed = torch.arange(cache.cache.span, device=device)[None, None, :] <= pos[:, :, None]
+            mask = attention_mask(allowed[:, None], head.config, self.dtype)
+            cos_sin = head.rotary_emb(prev, position_ids=pos)
+            out = module(prev, embeds, mask, cos_sin, pos, cache)
+            self.outs[k][rows.expand_as(pos)[valid], pos[valid]] = out[valid]
+            self.committed[k] = [max(n - k, 0) for n in N]
+            last = module.shared_head.norm(out[rows[:, 0], q - 1])  # row N_b − 2 drafts t_{N_b+k−1}
+            logits = F.linear(last, self.lm_weight, self.lm_bias)
+            picked = (
+                [(t, None) for t in logits.argmax(-1).tolist()]
+                if self.greedy
+                else [pick(logits[b]) for b, pick in enumerate(self.picks)]
+            )
+            for b, (token, p) in enumerate(picked):
+                drafts[b].append(token)
+                probs[b].append(p)
+        return list(zip(drafts, probs, strict=True))

@@ -28,7 +28,7 @@ from torch import nn
 
 from mtpkit.heads.base import DraftHead
 from mtpkit.heads.common import passthrough_gain, zero_residual_writes
-from mtpkit.heads.mtp.drafter import MTPDrafter
+from mtpkit.heads.mtp.drafter import MTPBatchDrafter, MTPDrafter
 from mtpkit.models import Target
 
 INITS = ("random", "last_layer", "passthrough")
@@ -200,3 +200,6 @@ class MTPHead(DraftHead):
 
     def make_drafter(self, k, dtype, pick, greedy=True) -> MTPDrafter:
         return MTPDrafter(self, k, dtype, pick, greedy)
+
+    def make_batch_drafter(self, k, dtype, picks, greedy=True) -> MTPBatchDrafter:
+        return MTPBatchDrafter(self, k, dtype, picks, greedy)
