@@ -27,7 +27,7 @@ from mtpkit.data.prompts import Prompt, load_prompts
 from mtpkit.decode.batched import BatchedSpeculativeDecoder
 from mtpkit.decode.engine import SpeculativeDecoder
 from mtpkit.heads import build_head, load_head
-from mtpkit.models import EMBEDDED_ALIAS, load_target
+from mtpkit.models import DTYPES, EMBEDDED_ALIAS, fast_bfloat16, load_target
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -72,12 +72,14 @@ def verify_ms(target, ids: list[int], rows: list[int], repeats: int) -> dict[int
     return {n: _median_ms(t) for n, t in times.items()}
 
 
-def draft_ms(target, ids: list[int], k: int, tokens: int, repeats: int) -> dict[str, float]:
-    """Median draft time per step of K tokens (bf16 drafting, the eval default) in a real decode."""
+def draft_ms(
+    target, ids: list[int], k: int, tokens: int, repeats: int, dtype: torch.dtype
+) -> dict[str, float]:
+    """Median draft time per step of K tokens (drafting in `dtype`) in a real decode."""
     out = {}
     for name, fields in HEADS.items():
         head = build_head(target, name, fields)
-        dec = SpeculativeDecoder(target, head, k=k, draft_dtype=torch.bfloat16)
+        dec = SpeculativeDecoder(target, head, k=k, draft_dtype=dtype)
         per_step = []
         for _ in range(repeats):
             r = dec.generate(ids, tokens, eos_ids=[])
@@ -86,13 +88,15 @@ def draft_ms(target, ids: list[int], k: int, tokens: int, repeats: int) -> dict[
     return out
 
 
-def batched_rates(target, head, k: int, tokens: int, batches: list[int], repeats: int) -> dict:
+def batched_rates(
+    target, head, k: int, tokens: int, batches: list[int], repeats: int, dtype: torch.dtype
+) -> dict:
     """Generated tokens/s (prefill included) of `generate_batch` over B builtin prompts, plain
-    (K = 0) and speculative with `head` (bf16 drafts), with the speculative rows' τ."""
+    (K = 0) and speculative with `head` (drafting in `dtype`), with the speculative rows' τ."""
     prompts = [chat.start(target.tokenizer, p).ids for p in load_prompts(["builtin"])]
     out: dict = {"plain": {}, "speculative": {}, "tau": {}}
     plain = BatchedSpeculativeDecoder(target, None, k=0)
-    spec = BatchedSpeculativeDecoder(target, head, k=k, draft_dtype=torch.bfloat16)
+    spec = BatchedSpeculativeDecoder(target, head, k=k, draft_dtype=dtype)
     for b in batches:
         rows = [prompts[i % len(prompts)] for i in range(b)]
         times: dict[str, list[float]] = {"plain": [], "speculative": []}
@@ -119,6 +123,13 @@ def main() -> None:
     p.add_argument(
         "--head", type=Path, help="a trained head for batched speculative decoding (default: random MTP)"
     )
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="target dtypes to measure")
+    p.add_argument(
+        "--draft-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 where its GEMMs are native (or the target is bf16), else float32",
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_speed.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -130,14 +141,20 @@ def main() -> None:
         "k": args.k,
         "dtypes": {},
     }
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes:
+        fast = fast_bfloat16() or dtype == "bfloat16"
+        draft = (
+            DTYPES["bfloat16" if fast else "float32"]
+            if args.draft_dtype == "auto"
+            else DTYPES[args.draft_dtype]
+        )
         target = load_target(EMBEDDED_ALIAS, dtype=dtype)
         ids = chat.start(target.tokenizer, Prompt((PROMPT,), None, "bench")).ids
         rates = plain_rates(target, ids, args.tokens, args.repeats)
         verify = verify_ms(target, ids, [1, 2, 3, 4, 5], args.repeats * 4)
-        drafts = draft_ms(target, ids, args.k, args.tokens // 2, args.repeats)
+        drafts = draft_ms(target, ids, args.k, args.tokens // 2, args.repeats, draft)
         head = load_head(args.head, target) if args.head else build_head(target, "mtp", HEADS["mtp"])
-        batched = batched_rates(target, head, args.k, args.tokens // 2, args.batches, args.repeats)
+        batched = batched_rates(target, head, args.k, args.tokens // 2, args.batches, args.repeats, draft)
         plain_ms = 1000 / rates["engine_static"]
         step = {name: drafts[name] + verify[args.k + 1] for name in drafts}
         results["dtypes"][dtype] = {
@@ -153,6 +170,7 @@ def main() -> None:
             # A step yields τ tokens; it pays off once τ > step cost / plain-token cost.
             "break_even_tau": {name: ms / plain_ms for name, ms in step.items()},
             "batched_tokens_per_s": batched,
+            "draft_dtype": str(draft).removeprefix("torch."),
         }
         del target
     args.out.parent.mkdir(parents=True, exist_ok=True)
