@@ -115,7 +115,13 @@ def _commit(tmp: Path, out: Path, replace: bool, message: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["OutputExistsError", "atomic_dir"]
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable: without it a crash can leave the old directory entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -134,3 +140,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+__all__ = ["OutputExistsError", "atomic_dir", "atomic_write"]

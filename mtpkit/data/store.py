@@ -61,14 +61,6 @@ class Sample:
     source: str = ""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 
