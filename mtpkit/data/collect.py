@@ -66,9 +66,8 @@ class CollectConfig:
     model_dtype: str = checked("float32", choices=("float32", "bfloat16", "float16"))
     max_prompts: int | None = checked(None, ge=1)  # None: every item of the stream
     max_samples: int | None = checked(None, ge=1)  # None: no limit
-    max_minutes: float | None = checked(
-        None, gt=0
-    )  # this run starts no round after M minutes (None: no limit)
+    # this run starts no round after M minutes (None: no limit)
+    max_minutes: float | None = checked(None, gt=0)
     seed: int = 0
     shuffle: bool = False
     sample_size: int = checked(2048, ge=2)  # corpus mode: tokens per window
@@ -364,6 +363,8 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         store.commit(pending, key, dict(state, consumed=consumed, done=consumed >= len(items)))
         pending, last_commit = [], time.perf_counter()
 
+    # bf16 hidden stores keep the generating forwards' states (fp16 needs the overflow check)
+    captured = cfg.mode == "generate" and store.kind == "hidden" and store_dtype == torch.bfloat16
     while consumed < len(items):
         room = None if cfg.max_samples is None else cfg.max_samples - state["samples"]  # pending included
         if room is not None and room <= 0:
@@ -381,7 +382,6 @@ def _run(cfg, target, store: Store, items, key, job, layers, store_dtype) -> dic
         per_round = cfg.round_prompts or 4 * cfg.batch_size
         take = per_round if room is None else min(per_round, room)
         batch = items[consumed : consumed + take]
-        captured = cfg.mode == "generate" and store.kind == "hidden" and store_dtype == torch.bfloat16
         if cfg.mode == "generate":
             seqs, generated, skipped = generate_conversations(
                 target,
