@@ -35,10 +35,12 @@ def test_collect_stores_the_targets_own_final_hidden_states(tmp_path, smollm2):
         answer = tok.decode(s.input_ids[s.loss_mask], skip_special_tokens=True)
         assert len(answer.split()) >= 5  # a real answer, not noise
         assert text.endswith(tok.decode(s.input_ids[s.loss_mask]))  # the answer closes the sequence
+        # The generating forwards' states: every row but the last (never fed back: zeros).
         fresh = smollm2.hidden_states(s.input_ids[None])[0]  # unpadded, batch of one
         torch.testing.assert_close(
-            s.hidden_states.float(), fresh.to(torch.bfloat16).float(), rtol=1e-2, atol=2e-2
+            s.hidden_states[:-1].float(), fresh[:-1].to(torch.bfloat16).float(), rtol=1e-2, atol=2e-2
         )
+        assert not s.hidden_states[-1].any()
         # The stored hidden state is what the LM head reads: its argmax reproduces the answer.
         logits = smollm2.lm_head(s.hidden_states[:, 0].float())
         start = int(s.loss_mask.int().argmax())
